@@ -1,0 +1,339 @@
+"""The detector: build Mask R-CNN once, then run it on batches of decoded images.
+
+Contract of :class:`Segmenter` (one instance per worker; the model is loaded in ``__init__``):
+
+- Input: a sequence of RGB images, each ``numpy.uint8`` of shape ``(H, W, 3)``; sizes may
+  differ within a batch. They are scaled to 0..1 floats, as torchvision expects; the model's
+  own transform then normalises and rescales them (short side ``min_size``, long side at most
+  ``max_size``) and maps its results back to the input's pixel grid.
+- Output: one :class:`Detections` per image, in input order, sorted by descending score,
+  at most ``max_detections`` of them, each scoring at least ``score_threshold``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.models.detection import mask_rcnn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from segpipe.config import ModelConfig
+from segpipe.io import read_bytes, redact, sha256_hex
+
+log = logging.getLogger(__name__)
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "maskrcnn_resnet50_fpn": mask_rcnn.maskrcnn_resnet50_fpn,
+    "maskrcnn_resnet50_fpn_v2": mask_rcnn.maskrcnn_resnet50_fpn_v2,
+}
+_WEIGHTS_ENUMS: dict[str, Any] = {
+    "maskrcnn_resnet50_fpn": mask_rcnn.MaskRCNN_ResNet50_FPN_Weights,
+    "maskrcnn_resnet50_fpn_v2": mask_rcnn.MaskRCNN_ResNet50_FPN_V2_Weights,
+}
+COCO_CATEGORIES: tuple[str, ...] = tuple(
+    mask_rcnn.MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
+)
+BACKGROUND = "__background__"
+# torchvision zeroes BatchNorm eps for its legacy v1 COCO weights; the same file loaded as a
+# checkpoint gets the same treatment (recognised by the SHA-256 prefix in its file name).
+_TORCHVISION_V1_COCO_SHA256_PREFIX = "bf2d0c1e"
+_CLASS_WEIGHT_KEY = "roi_heads.box_predictor.cls_score.weight"
+
+
+class WeightsError(ValueError):
+    """The weights cannot be used: missing, corrupt, wrong hash or not for this arch."""
+
+
+@dataclass(frozen=True)
+class Detections:
+    """Detections of one image, sorted by descending score.
+
+    boxes: float32 (N, 4), ``x0, y0, x1, y1`` in absolute pixels of the input image.
+    labels: int64 (N,), indices into the model's category names (0 is the background).
+    scores: float32 (N,) in 0..1.
+    masks: bool (N, H, W), the mask probabilities thresholded (> mask_threshold) at the
+    input image's full resolution.
+    """
+
+    boxes: np.ndarray
+    labels: np.ndarray
+    scores: np.ndarray
+    masks: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """Where the weights came from, for the run record and the logs (no secrets)."""
+
+    kind: str  # "torchvision" | "checkpoint" | "none"
+    name: str  # weights enum name or redacted URI
+    sha256: str | None
+    categories: tuple[str, ...]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when a GPU is visible, else the CPU; ``cuda`` insists on a GPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was requested but no CUDA GPU is visible")
+    return torch.device(name)
+
+
+def build_model(cfg: ModelConfig) -> tuple[nn.Module, WeightsInfo]:
+    """The Mask R-CNN for ``cfg`` on the CPU, in eval mode, and a description of its weights."""
+    kwargs: dict[str, Any] = {
+        "min_size": cfg.min_size,
+        "max_size": cfg.max_size,
+        "box_score_thresh": cfg.score_threshold,
+        "box_detections_per_img": cfg.max_detections,
+    }
+    builder = _BUILDERS[cfg.arch]
+    enum_member = _torchvision_weights(cfg.arch, cfg.weights)
+    if cfg.weights.lower() == "none":
+        log.warning(
+            "weights=none: %s is RANDOMLY INITIALISED. Its detections are meaningless; use "
+            "this only to test plumbing.",
+            cfg.arch,
+        )
+        model = builder(weights=None, weights_backbone=None, **kwargs)
+        info = WeightsInfo("none", "none", None, COCO_CATEGORIES)
+    elif enum_member is not None:
+        try:
+            model = builder(weights=enum_member, progress=False, **kwargs)
+        except (OSError, RuntimeError) as exc:  # URLError is an OSError
+            raise WeightsError(
+                f"could not fetch torchvision weights {enum_member} from {enum_member.url}: "
+                f"{exc}. Without internet access, copy that file to storage you can reach "
+                "and pass its path or URI as the weights."
+            ) from exc
+        info = WeightsInfo(
+            "torchvision", str(enum_member), None, tuple(enum_member.meta["categories"])
+        )
+    else:
+        checkpoint = load_checkpoint(cfg.weights, expected_sha256=cfg.weights_sha256)
+        if checkpoint.arch is not None and checkpoint.arch != cfg.arch:
+            raise WeightsError(
+                f"checkpoint {redact(cfg.weights)} was saved for arch {checkpoint.arch!r}, "
+                f"not {cfg.arch!r}"
+            )
+        num_classes = _num_classes(checkpoint.state_dict, cfg.weights)
+        names = checkpoint.categories
+        if cfg.categories is not None:
+            names = load_categories(cfg.categories)
+        categories = _category_names(names, num_classes, cfg.weights)
+        model = builder(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
+        _load_state_dict(model, checkpoint.state_dict, cfg)
+        if cfg.arch == "maskrcnn_resnet50_fpn" and checkpoint.sha256.startswith(
+            _TORCHVISION_V1_COCO_SHA256_PREFIX
+        ):
+            _zero_batchnorm_eps(model)
+        info = WeightsInfo("checkpoint", redact(cfg.weights), checkpoint.sha256, categories)
+    model.eval()
+    return model, info
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    state_dict: dict[str, torch.Tensor]
+    categories: list[str] | None
+    arch: str | None
+    sha256: str
+
+
+def load_checkpoint(uri: str, *, expected_sha256: str | None = None) -> Checkpoint:
+    """Read a checkpoint from a path or fsspec URI with ``torch.load(weights_only=True)``.
+
+    Accepted layouts: a bare state dict, or a dict with the state dict under ``model`` (or
+    ``state_dict``) and optionally ``categories`` (list of names, index = label id) and
+    ``arch`` (one of the builder names).
+    """
+    shown = redact(uri)
+    try:
+        data = read_bytes(uri)
+    except FileNotFoundError as exc:
+        raise WeightsError(f"checkpoint not found: {shown}") from exc
+    except Exception as exc:
+        raise WeightsError(
+            f"could not read checkpoint {shown}: {type(exc).__name__}: {exc}"
+        ) from exc
+    digest = sha256_hex(data)
+    if expected_sha256 is not None and digest != expected_sha256.strip().lower():
+        raise WeightsError(
+            f"checkpoint {shown} has SHA-256 {digest}, but {expected_sha256} was required "
+            "(weights_sha256); refusing to load it"
+        )
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(
+            f"could not load checkpoint {shown} with torch.load(weights_only=True): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"checkpoint {shown} holds a {type(obj).__name__}, not a state dict")
+    state = obj.get("model", obj.get("state_dict", obj))
+    if not isinstance(state, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
+        raise WeightsError(f"checkpoint {shown} holds no state dict of tensors")
+    categories = obj.get("categories") if state is not obj else None
+    arch = obj.get("arch") if state is not obj else None
+    return Checkpoint(
+        state_dict=dict(state),
+        categories=[str(c) for c in categories] if categories is not None else None,
+        arch=str(arch) if arch is not None else None,
+        sha256=digest,
+    )
+
+
+def load_categories(uri: str) -> list[str]:
+    """Category names from a side file: a JSON list of names, a COCO ``categories`` list
+    (``[{"id": 1, "name": "cat"}, ...]``, also inside a whole COCO dataset file), or text
+    with one name per line. Index in the returned list = label id."""
+    text = read_bytes(uri).decode("utf-8")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    if isinstance(obj, dict) and "categories" in obj:
+        obj = obj["categories"]
+    if isinstance(obj, list) and all(isinstance(c, str) for c in obj):
+        return list(obj)
+    if isinstance(obj, list) and all(isinstance(c, dict) and "id" in c for c in obj):
+        names = [f"class_{i}" for i in range(max(int(c["id"]) for c in obj) + 1)]
+        names[0] = BACKGROUND
+        for c in obj:
+            names[int(c["id"])] = str(c["name"])
+        return names
+    raise WeightsError(f"cannot read category names from {redact(uri)}")
+
+
+def _torchvision_weights(arch: str, weights: str) -> Any:
+    """The torchvision weights enum member that ``weights`` names for ``arch``, or None if it
+    names none (then it is a checkpoint URI, or ``none``)."""
+    if "/" in weights or weights.endswith((".pt", ".pth", ".bin", ".ckpt")):
+        return None
+    enum = _WEIGHTS_ENUMS[arch]
+    member_name = weights.split(".", 1)[1] if weights.startswith(enum.__name__ + ".") else weights
+    if member_name in enum.__members__:
+        return enum[member_name]
+    for other_arch, other in _WEIGHTS_ENUMS.items():
+        if other is not enum and weights.startswith(other.__name__ + "."):
+            raise WeightsError(f"weights {weights} are for {other_arch}, not {arch}")
+    if re.fullmatch(r"[A-Z][A-Z0-9_]*", weights):
+        raise WeightsError(
+            f"{weights!r} is not a torchvision weights name for {arch}; choose one of "
+            f"{', '.join(enum.__members__)}, a checkpoint path or URI, or 'none'"
+        )
+    return None
+
+
+def _num_classes(state_dict: Mapping[str, torch.Tensor], uri: str) -> int:
+    weight = state_dict.get(_CLASS_WEIGHT_KEY)
+    if weight is None:
+        raise WeightsError(
+            f"checkpoint {redact(uri)} is not a Mask R-CNN state dict (no {_CLASS_WEIGHT_KEY})"
+        )
+    return int(weight.shape[0])
+
+
+def _category_names(names: Sequence[str] | None, num_classes: int, uri: str) -> tuple[str, ...]:
+    if names is None:
+        if num_classes == len(COCO_CATEGORIES):
+            return COCO_CATEGORIES
+        raise WeightsError(
+            f"checkpoint {redact(uri)} predicts {num_classes} classes but carries no category "
+            "names; pass a categories file (JSON list, COCO categories, or one name per line)"
+        )
+    if len(names) == num_classes - 1:  # names without the background class
+        names = [BACKGROUND, *names]
+    if len(names) != num_classes:
+        raise WeightsError(
+            f"{len(names)} category names given for a model with {num_classes} classes "
+            "(index 0 is the background)"
+        )
+    return tuple(names)
+
+
+def _load_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> None:
+    """Strict load, except for BatchNorm's ``num_batches_tracked`` counters, which torchvision's
+    trained models (frozen batch norm) don't have and freshly built ones do."""
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatch
+        raise WeightsError(
+            f"checkpoint {redact(cfg.weights)} does not fit {cfg.arch}: {exc}"
+        ) from exc
+    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in result.unexpected_keys if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise WeightsError(
+            f"checkpoint {redact(cfg.weights)} does not fit {cfg.arch}: "
+            f"{len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
+        )
+
+
+def _zero_batchnorm_eps(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d | FrozenBatchNorm2d):
+            module.eps = 0.0
+
+
+class Segmenter:
+    """Mask R-CNN loaded once; call it on a batch of RGB uint8 images."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        model, self.weights = build_model(cfg)
+        self.model = model.to(self.device)
+        self.categories = self.weights.categories
+        log.info(
+            "loaded %s (%s weights %s) on %s",
+            cfg.arch,
+            self.weights.kind,
+            self.weights.name,
+            self.device,
+        )
+
+    def __call__(self, images: Sequence[np.ndarray]) -> list[Detections]:
+        if not images:
+            return []
+        tensors = [self._to_tensor(image) for image in images]
+        with torch.inference_mode():
+            outputs = self.model(tensors)
+        return [self._detections(out) for out in outputs]
+
+    def _to_tensor(self, image: np.ndarray) -> torch.Tensor:
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected uint8 (H, W, 3), got {image.dtype} {image.shape}")
+        with warnings.catch_warnings():
+            # Arrays from Ray's object store are read-only; the tensor is never written to
+            # (.float() below makes the copy the model reads), so no defensive copy is needed.
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            tensor = torch.from_numpy(image)
+        return tensor.to(self.device, non_blocking=True).permute(2, 0, 1).float().div_(255.0)
+
+    def _detections(self, out: Mapping[str, torch.Tensor]) -> Detections:
+        masks = out["masks"][:, 0] > self.cfg.mask_threshold
+        return Detections(
+            boxes=out["boxes"].to(torch.float32).cpu().numpy(),
+            labels=out["labels"].to(torch.int64).cpu().numpy(),
+            scores=out["scores"].to(torch.float32).cpu().numpy(),
+            masks=masks.cpu().numpy(),
+        )

@@ -1,0 +1,75 @@
+"""The two output tables, declared once.
+
+Every writer, reader and test imports these schemas; nothing else spells out a column.
+
+Conventions (the column contract; README.md "Output tables" says the same for SQL users):
+
+- Pixel coordinates refer to the *decoded* image: EXIF orientation applied, so width and
+  height are those of the image as a viewer displays it. The origin is the top-left corner,
+  x grows to the right, y grows downwards, units are pixels.
+- Boxes are ``[box_x0, box_y0, box_x1, box_y1]`` (float32, absolute pixels; x1/y1 exclusive
+  edges as torchvision reports them, so ``box_x1 - box_x0`` is the box width).
+- ``mask_rle`` is the ``counts`` string of a COCO *compressed* RLE of the binary mask, in
+  column-major (Fortran) order, of size ``[image_height, image_width]``. Decode it with
+  ``pycocotools.mask.decode({"size": [h, w], "counts": mask_rle.encode()})`` -> uint8 (h, w).
+- ``mask_area`` is the number of mask pixels (int64); ``score`` is the detector's confidence in
+  0..1; ``instance_id`` is the 0-based rank of the instance within its image by descending
+  score, so ``(run_id, image_id, instance_id)`` is the key of ``instances``.
+- ``image_id`` is derived from the image URI alone (see :func:`image_id`), so it is the same in
+  every run and joins runs of different models over the same images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+INSTANCES_SCHEMA = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("instance_id", pa.int32(), nullable=False),
+        pa.field("label_id", pa.int32(), nullable=False),
+        pa.field("label", pa.string(), nullable=False),
+        pa.field("score", pa.float32(), nullable=False),
+        pa.field("box_x0", pa.float32(), nullable=False),
+        pa.field("box_y0", pa.float32(), nullable=False),
+        pa.field("box_x1", pa.float32(), nullable=False),
+        pa.field("box_y1", pa.float32(), nullable=False),
+        pa.field("mask_rle", pa.string(), nullable=False),
+        pa.field("mask_area", pa.int64(), nullable=False),
+        pa.field("image_width", pa.int32(), nullable=False),
+        pa.field("image_height", pa.int32(), nullable=False),
+    ]
+)
+
+IMAGES_SCHEMA = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        # Null when the image could not be decoded.
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("status", pa.string(), nullable=False),  # "ok" | "error"
+        # Short machine-readable cause ("empty", "truncated", "not_an_image", ...); null if ok.
+        pa.field("error_code", pa.string()),
+        # Human-readable message naming the cause; null if ok.
+        pa.field("error", pa.string()),
+        pa.field("num_instances", pa.int32(), nullable=False),
+    ]
+)
+
+
+def image_id(uri: str) -> str:
+    """Stable id of an image: the first 128 bits of SHA-256 of its URI, as 32 hex characters.
+
+    The URI is hashed exactly as given; callers pass canonical URIs (``s3://bucket/key``,
+    ``file:///abs/path``) so that the same object gets the same id in every run.
+    """
+    return hashlib.sha256(uri.encode("utf-8")).hexdigest()[:32]

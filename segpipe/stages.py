@@ -1,0 +1,155 @@
+"""The pipeline's steps as plain functions and callable classes over batches.
+
+A batch is ``dict[str, numpy.ndarray]`` (Ray Data's "numpy" batch format), one entry per
+image. None of this imports ray: the pipeline module wraps these steps in ``map_batches``, and
+tests and the in-process runner call them directly.
+
+Columns between steps:
+
+- input: ``uri`` (str), plus any extra manifest columns, which are carried through untouched.
+- after :func:`load_batch`: ``image_id``, ``width``, ``height`` (int32, -1 when unknown),
+  ``status``, ``error_code``, ``error`` (str, "" when ok) and ``pixels`` (uint8 (H, W, 3); an
+  empty (0, 0, 3) array for images that failed).
+- after :class:`Segment`: a ``pyarrow.Table`` with one row per image: the ``images`` columns,
+  the extra columns, and ``instances``, a list of structs (:data:`INSTANCE_STRUCT`) holding
+  the image's detections. :func:`split_tables` turns it into the two output tables.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from segpipe.config import DecodeConfig, ModelConfig
+from segpipe.decode import DecodedImage, DecodeError, decode_image
+from segpipe.encode import ImageRecord, ImageRef, images_table, instances_table
+from segpipe.io import read_bytes, redact
+from segpipe.model import Detections, Segmenter
+from segpipe.schema import INSTANCES_SCHEMA, STATUS_OK, image_id
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, np.ndarray]
+
+READ_ERROR = "read_error"
+NOT_FOUND = "not_found"
+PERMISSION_DENIED = "permission_denied"
+
+# Columns an instance row takes from its image rather than from the detection.
+_IMAGE_LEVEL = {"run_id", "image_id", "uri", "image_width", "image_height"}
+INSTANCE_STRUCT = pa.struct([f for f in INSTANCES_SCHEMA if f.name not in _IMAGE_LEVEL])
+# Columns load_batch adds; anything else in a batch is carried through to the images table.
+_LOAD_COLUMNS = ("image_id", "width", "height", "status", "error_code", "error", "pixels")
+
+
+def fetch(uri: str) -> bytes | DecodeError:
+    """The bytes at ``uri``, or a read error record (missing object, access denied, ...)."""
+    try:
+        return read_bytes(uri)
+    except FileNotFoundError:
+        return DecodeError(NOT_FOUND, f"object not found: {redact(uri)}")
+    except PermissionError as exc:
+        return DecodeError(PERMISSION_DENIED, f"access denied reading {redact(uri)}: {exc}")
+    except Exception as exc:
+        return DecodeError(READ_ERROR, f"could not read {redact(uri)}: {type(exc).__name__}: {exc}")
+
+
+def load_batch(batch: Batch, decode: DecodeConfig, io_threads: int = 16) -> Batch:
+    """Read and decode every image of a batch; failures become error rows, never exceptions."""
+    uris = [str(u) for u in batch["uri"]]
+    with ThreadPoolExecutor(max_workers=max(1, min(io_threads, len(uris)))) as pool:
+        fetched = list(pool.map(fetch, uris))
+    n = len(uris)
+    out: Batch = {k: v for k, v in batch.items() if k not in _LOAD_COLUMNS}
+    width = np.full(n, -1, dtype=np.int32)
+    height = np.full(n, -1, dtype=np.int32)
+    status = np.empty(n, dtype=object)
+    error_code = np.full(n, "", dtype=object)
+    error = np.full(n, "", dtype=object)
+    pixels = np.empty(n, dtype=object)
+    for i, got in enumerate(fetched):
+        result = got if isinstance(got, DecodeError) else decode_image(got, **vars(decode))
+        if isinstance(result, DecodedImage):
+            status[i] = STATUS_OK
+            width[i], height[i] = result.width, result.height
+            pixels[i] = result.pixels
+        else:
+            status[i], error_code[i], error[i] = "error", result.code, result.message
+            width[i] = -1 if result.width is None else result.width
+            height[i] = -1 if result.height is None else result.height
+            pixels[i] = np.zeros((0, 0, 3), dtype=np.uint8)
+    out["image_id"] = np.array([image_id(u) for u in uris], dtype=object)
+    out.update(width=width, height=height, status=status, error_code=error_code, error=error)
+    out["pixels"] = pixels
+    return out
+
+
+class Segment:
+    """Mask R-CNN over a decoded batch -> one row per image with its detections nested.
+
+    Holds the model: construct once per worker, call once per batch.
+    """
+
+    def __init__(self, model: ModelConfig, run_id: str) -> None:
+        self.run_id = run_id
+        self.segmenter = Segmenter(model)
+
+    def __call__(self, batch: Batch) -> pa.Table:
+        ok = [i for i, s in enumerate(batch["status"]) if s == STATUS_OK]
+        detections = self.segmenter([batch["pixels"][i] for i in ok])
+        by_row: dict[int, Detections] = dict(zip(ok, detections, strict=True))
+        return image_rows(batch, self.run_id, by_row, self.segmenter.categories)
+
+
+def image_rows(
+    batch: Batch, run_id: str, detections: dict[int, Detections], categories: Sequence[str]
+) -> pa.Table:
+    """The per-image table for a loaded batch, given detections for its decoded rows."""
+    records: list[ImageRecord] = []
+    refs: list[ImageRef] = []
+    counts = np.zeros(len(batch["uri"]), dtype=np.int32)
+    for i, (uri, iid) in enumerate(zip(batch["uri"], batch["image_id"], strict=True)):
+        width, height = int(batch["width"][i]), int(batch["height"][i])
+        if i in detections:
+            refs.append(ImageRef(run_id, str(iid), str(uri), width, height))
+            counts[i] = len(detections[i])
+            records.append(ImageRecord.ok(refs[-1], int(counts[i])))
+        else:
+            size = (width, height) if width >= 0 else (None, None)
+            err = DecodeError(str(batch["error_code"][i]), str(batch["error"][i]), *size)
+            records.append(ImageRecord.failed(run_id, str(iid), str(uri), err))
+    flat = instances_table(refs, [detections[i] for i in sorted(detections)], categories)
+    struct = pa.StructArray.from_arrays(
+        [flat.column(name).combine_chunks() for name in INSTANCE_STRUCT.names],
+        fields=list(INSTANCE_STRUCT),
+    )
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    table = images_table(records)
+    for name in _extra_columns(batch):
+        table = table.append_column(name, pa.array(list(batch[name])))
+    return table.append_column("instances", pa.ListArray.from_arrays(offsets, struct))
+
+
+def split_tables(rows: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """Per-image rows with nested detections -> (images table, instances table)."""
+    images = rows.drop_columns(["instances"])
+    nested = rows.column("instances").combine_chunks()
+    flat = pc.list_flatten(nested)
+    parents = pc.list_parent_indices(nested)
+    columns = []
+    for field in INSTANCES_SCHEMA:
+        if field.name in INSTANCE_STRUCT.names:
+            columns.append(flat.field(field.name))
+        else:
+            source = {"image_width": "width", "image_height": "height"}.get(field.name, field.name)
+            columns.append(images.column(source).take(parents).cast(field.type))
+    return images, pa.Table.from_arrays(columns, schema=INSTANCES_SCHEMA)
+
+
+def _extra_columns(batch: Batch) -> list[str]:
+    return [k for k in batch if k != "uri" and k not in _LOAD_COLUMNS]

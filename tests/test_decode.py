@@ -1,0 +1,190 @@
+"""Decoding odd inputs: each becomes an upright RGB uint8 image or a named error."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segpipe import decode
+from segpipe.decode import DecodedImage, DecodeError, decode_image
+
+
+def encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def gradient_rgb(width: int = 48, height: int = 32) -> np.ndarray:
+    x = np.linspace(0, 255, width, dtype=np.uint8)[None, :].repeat(height, 0)
+    y = np.linspace(0, 255, height, dtype=np.uint8)[:, None].repeat(width, 1)
+    return np.stack([x, y, 255 - x], axis=2)
+
+
+def decoded(data: bytes, **kwargs: int) -> np.ndarray:
+    result = decode_image(data, **kwargs)
+    assert isinstance(result, DecodedImage), result
+    assert result.pixels.dtype == np.uint8 and result.pixels.ndim == 3
+    assert result.pixels.shape[2] == 3 and result.pixels.flags.c_contiguous
+    return result.pixels
+
+
+def failed(data: bytes, code: str, **kwargs: int) -> DecodeError:
+    result = decode_image(data, **kwargs)
+    assert isinstance(result, DecodeError), result
+    assert result.code == code, result
+    assert result.message
+    return result
+
+
+def test_rgb_png_is_lossless() -> None:
+    pixels = gradient_rgb()
+    np.testing.assert_array_equal(decoded(encode(Image.fromarray(pixels), "PNG")), pixels)
+
+
+def test_grayscale_is_expanded_to_three_equal_channels() -> None:
+    gray = gradient_rgb()[:, :, 0]
+    out = decoded(encode(Image.fromarray(gray, mode="L"), "PNG"))
+    assert out.shape == (32, 48, 3)
+    for channel in range(3):
+        np.testing.assert_array_equal(out[:, :, channel], gray)
+
+
+def test_bilevel_image() -> None:
+    image = Image.fromarray(np.eye(16, dtype=bool))
+    out = decoded(encode(image, "PNG"))
+    assert out[0, 0].tolist() == [255, 255, 255] and out[0, 1].tolist() == [0, 0, 0]
+
+
+def test_palette_gif_and_its_first_frame() -> None:
+    first = Image.new("RGB", (20, 10), (255, 0, 0)).convert("P")
+    second = Image.new("RGB", (20, 10), (0, 0, 255)).convert("P")
+    buf = io.BytesIO()
+    first.save(buf, format="GIF", save_all=True, append_images=[second])
+    out = decoded(buf.getvalue())
+    assert out.shape == (10, 20, 3)
+    assert out[5, 5].tolist() == [255, 0, 0]
+
+
+def test_rgba_is_composited_over_white() -> None:
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[:, :4] = [10, 20, 30, 255]  # opaque left half
+    rgba[:, 4:] = [10, 20, 30, 0]  # transparent right half
+    out = decoded(encode(Image.fromarray(rgba, mode="RGBA"), "PNG"))
+    assert out[0, 0].tolist() == [10, 20, 30]
+    assert out[0, 7].tolist() == [255, 255, 255]
+
+
+def test_palette_with_transparency_is_composited_over_white() -> None:
+    image = Image.new("P", (6, 6), 0)
+    image.putpalette([0, 255, 0, 200, 0, 0] + [0] * 762)
+    image.paste(1, (0, 0, 3, 6))
+    out = decoded(encode(image, "PNG", transparency=0))
+    assert out[0, 0].tolist() == [200, 0, 0]
+    assert out[0, 5].tolist() == [255, 255, 255]
+
+
+def test_cmyk_jpeg_is_converted_to_rgb() -> None:
+    rgb = Image.new("RGB", (32, 32), (220, 30, 40))
+    out = decoded(encode(rgb.convert("CMYK"), "JPEG", quality=95))
+    assert out.shape == (32, 32, 3)
+    assert np.abs(out[16, 16].astype(int) - [220, 30, 40]).max() <= 12
+
+
+def test_16bit_grayscale_png_keeps_the_high_byte() -> None:
+    values = np.linspace(0, 65535, 64 * 8).astype(np.uint16).reshape(8, 64)
+    image = Image.fromarray(values)
+    assert image.mode.startswith("I;16")
+    out = decoded(encode(image, "PNG"))
+    np.testing.assert_array_equal(out[:, :, 0], (values >> 8).astype(np.uint8))
+
+
+def test_webp() -> None:
+    pixels = gradient_rgb()
+    out = decoded(encode(Image.fromarray(pixels), "WEBP", lossless=True))
+    np.testing.assert_array_equal(out, pixels)
+
+
+def test_exif_orientation_is_applied() -> None:
+    stored = gradient_rgb(width=40, height=20)
+    stored[:4, :4] = [255, 0, 0]  # a marker at the stored top-left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    data = encode(Image.fromarray(stored), "PNG", exif=exif.tobytes())
+    out = decoded(data)
+    assert out.shape == (40, 20, 3)  # displayed: 20 wide, 40 high
+    np.testing.assert_array_equal(out, np.rot90(stored, k=-1))
+    assert out[0, -1].tolist() == [255, 0, 0]  # marker now at the displayed top-right
+
+
+@pytest.mark.parametrize("size", [(1, 1), (10000, 10), (10, 10000)])
+def test_tiny_and_very_thin_images(size: tuple[int, int]) -> None:
+    out = decoded(encode(Image.new("RGB", size, (1, 2, 3)), "PNG"))
+    assert out.shape == (size[1], size[0], 3)
+
+
+def test_empty_file() -> None:
+    assert "0 bytes" in failed(b"", decode.EMPTY).message
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_truncated_files(fmt: str) -> None:
+    rng = np.random.default_rng(0)
+    noisy = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    data = encode(Image.fromarray(noisy), fmt)
+    err = failed(data[: len(data) // 2], decode.TRUNCATED)
+    assert fmt in err.message
+    assert (err.width, err.height) == (64, 64)
+
+
+def test_text_with_an_image_name() -> None:
+    assert "plain text" in failed(b"hello, I am not a JPEG\n", decode.NOT_AN_IMAGE).message
+
+
+def test_html_error_page_saved_as_jpg() -> None:
+    page = b"<!DOCTYPE html>\n<html><body><h1>403 Forbidden</h1></body></html>"
+    assert "HTML" in failed(page, decode.NOT_AN_IMAGE).message
+
+
+def test_random_binary_is_not_an_image() -> None:
+    data = bytes(np.random.default_rng(1).integers(0, 255, 300, dtype=np.uint8))
+    failed(data, decode.NOT_AN_IMAGE)
+
+
+def test_pixel_limit_is_configurable() -> None:
+    data = encode(Image.new("RGB", (300, 200)), "PNG")
+    err = failed(data, decode.TOO_LARGE, max_pixels=50_000)
+    assert "300x200" in err.message and "50000" in err.message
+    assert decoded(data, max_pixels=60_000).shape == (200, 300, 3)
+
+
+def png_header_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` but whose data is a tiny stub."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    body = struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    idat = b"IDAT" + zlib.compress(b"\x00" * 64)
+    body += struct.pack(">I", len(idat) - 4) + idat + struct.pack(">I", zlib.crc32(idat))
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+def test_decompression_bomb_is_refused_from_its_header() -> None:
+    # 20000 x 20000 declared in 100 bytes: refused without allocating 1.2 GB of pixels.
+    err = failed(png_header_claiming(20000, 20000), decode.TOO_LARGE)
+    assert "400000000" in err.message and "refused before decoding" in err.message
+
+
+def test_header_over_our_limit_but_under_pillows() -> None:
+    err = failed(png_header_claiming(9000, 9000), decode.TOO_LARGE)
+    assert "9000x9000" in err.message and "max_pixels" in err.message
+    assert (err.width, err.height) == (9000, 9000)
+
+
+def test_decompression_bomb_beyond_pillows_own_limit() -> None:
+    err = failed(png_header_claiming(100_000, 100_000), decode.TOO_LARGE, max_pixels=10**12)
+    assert "too large" in err.message

@@ -1,0 +1,156 @@
+"""Model outputs -> rows: RLE round trips, ordering, empty batches, and a SQL read-back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from segpipe.decode import DecodeError
+from segpipe.encode import (
+    ImageRecord,
+    ImageRef,
+    decode_mask,
+    encode_masks,
+    images_table,
+    instances_table,
+)
+from segpipe.model import Detections
+from segpipe.schema import IMAGES_SCHEMA, INSTANCES_SCHEMA, image_id
+
+CATEGORIES = ("__background__", "circle", "square", "triangle")
+
+
+def random_masks(n: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n, height, width), dtype=bool)
+    for i in range(n):
+        y0, x0 = rng.integers(0, height), rng.integers(0, width)
+        y1, x1 = rng.integers(y0 + 1, height + 1), rng.integers(x0 + 1, width + 1)
+        masks[i, y0:y1, x0:x1] = True
+        masks[i] &= rng.random((height, width)) > 0.2
+    return masks
+
+
+def detections(masks: np.ndarray, scores: list[float], labels: list[int]) -> Detections:
+    n, height, width = masks.shape
+    boxes = np.tile(np.array([1.5, 2.5, width - 1.0, height - 2.0], dtype=np.float32), (n, 1))
+    return Detections(
+        boxes=boxes,
+        labels=np.array(labels, dtype=np.int64),
+        scores=np.array(scores, dtype=np.float32),
+        masks=masks,
+    )
+
+
+@pytest.mark.parametrize("shape", [(3, 37, 53), (3, 53, 37), (2, 1, 40), (2, 40, 1), (1, 8, 8)])
+def test_rle_round_trip_including_non_square(shape: tuple[int, int, int]) -> None:
+    masks = random_masks(*shape)
+    counts, areas = encode_masks(masks)
+    assert len(counts) == shape[0]
+    for mask, s, area in zip(masks, counts, areas, strict=True):
+        back = decode_mask(s, shape[1], shape[2])
+        assert back.shape == mask.shape
+        np.testing.assert_array_equal(back.astype(bool), mask)
+        assert area == mask.sum()
+
+
+def test_transposed_encoding_would_be_caught() -> None:
+    # A mask that is not symmetric: its transpose must not decode to itself.
+    mask = np.zeros((1, 10, 20), dtype=bool)
+    mask[0, 0, :15] = True
+    (counts,), _ = encode_masks(mask)
+    np.testing.assert_array_equal(decode_mask(counts, 10, 20)[0, :15], 1)
+    assert decode_mask(counts, 10, 20)[1:].sum() == 0
+
+
+def test_empty_masks_and_uint8_input() -> None:
+    masks = np.zeros((2, 12, 30), dtype=np.uint8)
+    masks[1, 3:5, 4:9] = 1
+    counts, areas = encode_masks(masks)
+    assert areas.tolist() == [0, 10]
+    assert decode_mask(counts[0], 12, 30).sum() == 0
+
+
+def test_rows_are_ordered_by_score_with_rank_ids() -> None:
+    masks = random_masks(3, 20, 30)
+    det = detections(masks, scores=[0.2, 0.9, 0.5], labels=[1, 2, 3])
+    ref = ImageRef("run1", image_id("s3://b/a.jpg"), "s3://b/a.jpg", width=30, height=20)
+    table = instances_table([ref], [det], CATEGORIES)
+    assert table.schema == INSTANCES_SCHEMA
+    rows = table.to_pylist()
+    assert [r["instance_id"] for r in rows] == [0, 1, 2]
+    assert [r["label"] for r in rows] == ["square", "triangle", "circle"]
+    assert [round(r["score"], 3) for r in rows] == [0.9, 0.5, 0.2]
+    for row, original in zip(rows, masks[[1, 2, 0]], strict=True):
+        assert (row["image_width"], row["image_height"]) == (30, 20)
+        np.testing.assert_array_equal(decode_mask(row["mask_rle"], 20, 30), original)
+        assert row["mask_area"] == original.sum()
+        assert (row["box_x0"], row["box_y0"], row["box_x1"], row["box_y1"]) == (1.5, 2.5, 29, 18)
+
+
+def test_zero_detections_keep_the_schema() -> None:
+    empty = Detections(
+        boxes=np.zeros((0, 4), np.float32),
+        labels=np.zeros(0, np.int64),
+        scores=np.zeros(0, np.float32),
+        masks=np.zeros((0, 20, 30), bool),
+    )
+    ref = ImageRef("run1", "id", "u", 30, 20)
+    none_table = instances_table([ref], [empty], CATEGORIES)
+    assert none_table.num_rows == 0 and none_table.schema == INSTANCES_SCHEMA
+    assert instances_table([], [], CATEGORIES).schema == INSTANCES_SCHEMA
+    some = instances_table(
+        [ref], [detections(random_masks(2, 20, 30), [0.5, 0.4], [1, 1])], CATEGORIES
+    )
+    assert pa.concat_tables([none_table, some]).num_rows == 2
+
+
+def test_mask_size_must_match_the_image() -> None:
+    det = detections(random_masks(1, 20, 30), [0.5], [1])
+    with pytest.raises(ValueError, match="image is 30x20"):
+        instances_table([ImageRef("r", "i", "u", width=20, height=30)], [det], CATEGORIES)
+
+
+def test_images_table_ok_and_error_rows() -> None:
+    ok = ImageRecord.ok(ImageRef("r", "i1", "u1", 30, 20), num_instances=3)
+    bad = ImageRecord.failed("r", "i2", "u2", DecodeError("truncated", "JPEG data is truncated"))
+    table = images_table([ok, bad])
+    assert table.schema == IMAGES_SCHEMA
+    assert table.to_pylist() == [
+        dict(run_id="r", image_id="i1", uri="u1", width=30, height=20, status="ok",
+             error_code=None, error=None, num_instances=3),
+        dict(run_id="r", image_id="i2", uri="u2", width=None, height=None, status="error",
+             error_code="truncated", error="JPEG data is truncated", num_instances=0),
+    ]  # fmt: skip
+    assert images_table([]).schema == IMAGES_SCHEMA
+
+
+def test_image_id_is_stable_and_distinct() -> None:
+    assert image_id("s3://b/a.jpg") == image_id("s3://b/a.jpg")
+    assert image_id("s3://b/a.jpg") != image_id("s3://b/b.jpg")
+    assert len(image_id("x")) == 32
+    # Pinned: the id must never change between releases, or runs stop joining.
+    assert image_id("s3://bucket/img/0001.jpg") == "b345ffe4dc775fae4a3c3f8a98132a67"
+
+
+def test_parquet_read_back_through_duckdb(tmp_path: Path) -> None:
+    masks = random_masks(4, 25, 41, seed=3)
+    ref = ImageRef("run1", image_id("file:///x.png"), "file:///x.png", width=41, height=25)
+    table = instances_table(
+        [ref], [detections(masks, [0.9, 0.8, 0.7, 0.6], [1, 2, 3, 1])], CATEGORIES
+    )
+    path = tmp_path / "instances.parquet"
+    pq.write_table(table, path)
+    rows = duckdb.sql(
+        f"SELECT instance_id, label, mask_rle, mask_area, image_height, image_width "
+        f"FROM read_parquet('{path}') ORDER BY instance_id"
+    ).fetchall()
+    assert [r[1] for r in rows] == ["circle", "square", "triangle", "circle"]
+    for (_, _, rle, area, h, w), original in zip(rows, masks, strict=True):
+        np.testing.assert_array_equal(decode_mask(rle, h, w), original)
+        assert area == original.sum()
