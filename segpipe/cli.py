@@ -1,93 +1,226 @@
-"""The ``segpipe`` command line: a thin layer that builds configs and calls the library."""
+"""The ``segpipe`` command line: parses flags (and a config file) into configs, calls the library.
+
+segpipe run --input s3://bucket/images/ --output s3://bucket/segments [options]
+segpipe run --manifest s3://bucket/manifest.parquet --output s3://bucket/segments
+segpipe query --output s3://bucket/segments "SELECT label, count(*) FROM instances GROUP BY 1"
+segpipe demo
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-import tempfile
-import time
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from segpipe.config import ARCHS, DEVICES, DecodeConfig, ModelConfig, RunConfig
 
 log = logging.getLogger("segpipe")
 
+# Flags (argparse dest names) that belong to each config dataclass.
+_MODEL_KEYS = (
+    "arch",
+    "weights",
+    "weights_sha256",
+    "categories",
+    "device",
+    "min_size",
+    "max_size",
+    "score_threshold",
+    "mask_threshold",
+    "max_detections",
+)
+_DECODE_KEYS = ("max_pixels",)
+_RUN_KEYS = (
+    "output",
+    "inputs",
+    "manifest",
+    "uri_column",
+    "extensions",
+    "run_id",
+    "batch_size",
+    "load_batch_size",
+    "gpus_per_actor",
+    "cpus_per_actor",
+    "partition_by",
+    "images_per_file",
+)
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="segpipe", description=__doc__)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="segpipe",
+        description="Mask R-CNN instance segmentation over object storage, to Parquet.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="segment a few generated images, print a SQL summary")
-    demo.add_argument("--output", default="segpipe-demo-output", help="output folder")
-    demo.add_argument("--images", type=int, default=6, help="how many images to generate")
+    run = sub.add_parser("run", help="segment images into Parquet tables (Ray Data job)")
+    src = run.add_argument_group("input (one of)")
+    src.add_argument(
+        "--input",
+        dest="inputs",
+        nargs="+",
+        action="extend",
+        metavar="URI",
+        help="folders, prefixes or globs on any fsspec filesystem",
+    )
+    src.add_argument("--manifest", metavar="URI", help="Parquet, CSV or text file of image URIs")
+    src.add_argument("--uri-column", help="manifest column holding the URIs (default: uri)")
+    src.add_argument("--extensions", type=_csv, help="image file extensions to list")
+    run.add_argument("--output", metavar="URI", help="where the tables go (required)")
+    run.add_argument("--config", metavar="FILE", help="TOML or YAML file setting these flags")
+    run.add_argument("--run-id", help="name of this run (default: run-<UTC timestamp>)")
+    model = run.add_argument_group("model")
+    model.add_argument("--arch", choices=ARCHS)
+    model.add_argument("--weights", help="DEFAULT | <torchvision name> | <checkpoint URI> | none")
+    model.add_argument("--weights-sha256", help="required SHA-256 of the checkpoint file")
+    model.add_argument("--categories", metavar="URI", help="category names for the checkpoint")
+    model.add_argument("--device", choices=DEVICES)
+    model.add_argument("--min-size", type=int, help="short side to rescale to (default 800)")
+    model.add_argument("--max-size", type=int, help="long side cap (default 1333)")
+    model.add_argument("--score-threshold", type=float, help="default 0.05")
+    model.add_argument("--mask-threshold", type=float, help="default 0.5")
+    model.add_argument("--max-detections", type=int, help="per image (default 100)")
+    model.add_argument("--max-pixels", type=int, help="refuse larger images (default 50e6)")
+    scale = run.add_argument_group("scale")
+    scale.add_argument("--batch-size", type=int, help="images per model call (default 4)")
+    scale.add_argument("--load-batch-size", type=int, help="images per decode task (default 16)")
+    scale.add_argument("--actors", help="model actors: N or MIN:MAX (default: one per GPU)")
+    scale.add_argument("--gpus-per-actor", type=float, help="default: 1 if the cluster has GPUs")
+    scale.add_argument("--cpus-per-actor", type=float, help="default 1")
+    scale.add_argument(
+        "--partition-by", type=_csv, help="partition columns, comma-separated, or 'none'"
+    )
+    scale.add_argument("--images-per-file", type=int, help="images per output file (default 5000)")
 
+    query = sub.add_parser("query", help="run SQL over an output with DuckDB")
+    query.add_argument("--output", required=True, metavar="URI")
+    query.add_argument("sql", help="SQL over the views `images` and `instances`")
+    query.add_argument("--format", choices=("table", "csv", "json"), default="table")
+
+    demo = sub.add_parser("demo", help="the whole job on generated images in a local S3")
+    demo.add_argument("--images", type=int, default=8, help="how many images to generate")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if args.command == "demo":
-        return demo_command(args.output, args.images)
-    parser.error(f"unknown command {args.command}")
-    return 2
+    try:
+        if args.command == "run":
+            return run_command(args)
+        if args.command == "query":
+            return query_command(args.output, args.sql, args.format)
+        from segpipe.demo import run_demo
+
+        return run_demo(args.images)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"segpipe: error: {exc}", file=sys.stderr)
+        return 2
 
 
-def demo_command(output: str, count: int) -> int:
-    """Core-only demo: generated images -> decode -> Mask R-CNN -> RLE rows -> Parquet -> SQL."""
-    import duckdb
+def run_command(args: argparse.Namespace) -> int:
+    cfg = run_config(args)
+    from segpipe.pipeline import run
 
-    from segpipe.config import DecodeConfig, ModelConfig
-    from segpipe.samples import sample_files
-    from segpipe.stages import Segment, load_batch, split_tables
-    from segpipe.writer import IMAGES_DIR, INSTANCES_DIR, write_table
-
-    print(
-        "segpipe demo: no trained model ships yet and none can be downloaded here, so this "
-        "demo runs Mask R-CNN with RANDOM weights (--weights none): the plumbing is real, the "
-        "detections are meaningless."
-    )
-    import numpy as np
-
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as inputs:
-        uris = []
-        for name, data in sample_files(count):
-            path = Path(inputs) / name
-            path.write_bytes(data)
-            uris.append(path.as_uri())
-        uris.append((Path(inputs) / "broken.jpg").as_uri())
-        (Path(inputs) / "broken.jpg").write_bytes(b"<html>404 not found</html>")
-
-        model = ModelConfig(weights="none", min_size=320, max_size=512, max_detections=20)
-        segment = Segment(model, run_id="demo")
-        loaded = load_batch({"uri": np.array(uris, dtype=object)}, DecodeConfig())
-        images, instances = split_tables(segment(loaded))
-    for name, table in ((IMAGES_DIR, images), (INSTANCES_DIR, instances)):
-        write_table(table, output, name, partition_by=["run_id"], file_stem="part-00000")
-    elapsed = time.perf_counter() - started
-
-    root = Path(output).resolve()
-    con = duckdb.connect()
-    con.sql(
-        f"CREATE VIEW images AS SELECT * FROM read_parquet('{root}/images/**/*.parquet', "
-        "hive_partitioning=true)"
-    )
-    con.sql(
-        f"CREATE VIEW instances AS SELECT * FROM read_parquet('{root}/instances/**/*.parquet', "
-        "hive_partitioning=true)"
-    )
-    print(f"\nwrote {root} in {elapsed:.1f} s\n")
-    print("images by status:")
-    con.sql("SELECT status, count(*) AS images FROM images GROUP BY status ORDER BY status").show()
-    print("errors:")
-    con.sql("SELECT uri, error_code, error FROM images WHERE status = 'error'").show()
-    print("top labels (random weights: meaningless):")
-    con.sql(
-        "SELECT label, count(*) AS n, round(avg(score), 3) AS mean_score, "
-        "sum(mask_area) AS mask_pixels FROM instances GROUP BY label ORDER BY n DESC LIMIT 5"
-    ).show()
+    summary = run(cfg)
+    print(summary.describe())
     return 0
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """Defaults < config file < flags."""
+    values: dict[str, Any] = load_config_file(args.config) if args.config else {}
+    values.update({k: v for k, v in vars(args).items() if v is not None})
+    actors = values.pop("actors", None)
+    known = set(_MODEL_KEYS) | set(_DECODE_KEYS) | set(_RUN_KEYS)
+    unknown = sorted(set(values) - known - {"command", "verbose", "config"})
+    if unknown:
+        raise ValueError(f"unknown settings in config file: {', '.join(unknown)}")
+    if values.get("output") is None:
+        raise ValueError("--output is required")
+    run_values = {k: values[k] for k in _RUN_KEYS if k in values}
+    for key in ("inputs", "extensions", "partition_by"):
+        if key in run_values:
+            run_values[key] = _as_tuple(run_values[key])
+    if run_values.get("partition_by") in (("none",), ("",)):
+        run_values["partition_by"] = ()
+    if actors is not None:
+        run_values["min_actors"], run_values["max_actors"] = _actors(str(actors))
+    return RunConfig(
+        model=ModelConfig(**{k: values[k] for k in _MODEL_KEYS if k in values}),
+        decode=DecodeConfig(**{k: values[k] for k in _DECODE_KEYS if k in values}),
+        **run_values,
+    )
+
+
+def load_config_file(uri: str) -> dict[str, Any]:
+    """Settings from a TOML or YAML file; keys are flag names with '-' or '_'."""
+    with fsspec.open(uri, "rb") as f:
+        raw = f.read()
+    if Path(uri).suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(raw) or {}
+    else:
+        data = tomllib.loads(raw.decode("utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {uri} must hold a table of settings")
+    renamed = {"input": "inputs"}
+    return {renamed.get(k.replace("-", "_"), k.replace("-", "_")): v for k, v in data.items()}
+
+
+def query_command(output: str, sql: str, fmt: str) -> int:
+    from segpipe.query import connect
+
+    con = connect(output)
+    result = con.sql(sql)
+    if result is None:
+        return 0
+    if fmt == "table":
+        result.show(max_rows=1000, max_width=200)
+    else:
+        frame = result.to_arrow_table()
+        if fmt == "csv":
+            import pyarrow.csv as pacsv
+
+            pacsv.write_csv(frame, sys.stdout.buffer)
+        else:
+            import json
+
+            for row in frame.to_pylist():
+                print(json.dumps(row, default=str))
+    return 0
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _as_tuple(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return _csv(value)
+    return tuple(str(v) for v in value)
+
+
+def _actors(text: str) -> tuple[int, int | None]:
+    try:
+        if ":" in text:
+            low, high = text.split(":", 1)
+            return int(low), int(high)
+        return int(text), int(text)
+    except ValueError:
+        raise ValueError(f"--actors takes N or MIN:MAX, got {text!r}") from None
 
 
 if __name__ == "__main__":

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from segpipe.decode import DEFAULT_MAX_PIXELS
 
 ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")
 DEVICES = ("auto", "cpu", "cuda")
+# Low-cardinality columns it makes sense to make folders of. ``label`` partitions only the
+# instances table; ``status`` only the images table.
+PARTITION_COLUMNS = ("run_id", "label", "label_id", "status")
 
 
 @dataclass(frozen=True)
@@ -66,3 +70,58 @@ class DecodeConfig:
     def __post_init__(self) -> None:
         if self.max_pixels < 1:
             raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
+
+
+RUN_ID_PATTERN = r"[A-Za-z][A-Za-z0-9._-]{0,127}"
+DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One ``segpipe run``: where images come from, where rows go, and how work is spread.
+
+    Exactly one of ``inputs`` (prefixes, folders or globs on any fsspec filesystem) and
+    ``manifest`` (a Parquet, CSV or text file of image URIs) is set.
+    """
+
+    output: str
+    inputs: tuple[str, ...] = ()
+    manifest: str | None = None
+    # Manifest column that holds the image URIs (Parquet/CSV); text manifests have one per line.
+    uri_column: str = "uri"
+    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
+    run_id: str | None = None  # default: run-<UTC timestamp>
+    model: ModelConfig = ModelConfig()
+    decode: DecodeConfig = DecodeConfig()
+    batch_size: int = 4  # images per model call
+    load_batch_size: int = 16  # images per read+decode task
+    min_actors: int = 1
+    max_actors: int | None = None  # default: one per GPU, or min_actors without GPUs
+    gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
+    cpus_per_actor: float = 1.0
+    partition_by: tuple[str, ...] = ("run_id",)
+    images_per_file: int = 5000  # rows per images file; instances files hold their detections
+
+    def __post_init__(self) -> None:
+        if bool(self.inputs) == (self.manifest is not None):
+            raise ValueError("give either input URIs or a manifest, not both and not neither")
+        if not self.output:
+            raise ValueError("an output URI is required")
+        if self.run_id is not None and not re.fullmatch(RUN_ID_PATTERN, self.run_id):
+            raise ValueError(
+                f"run id {self.run_id!r} must start with a letter and hold only letters, digits, "
+                "'.', '_' and '-' (at most 128 characters)"
+            )
+        for name in ("batch_size", "load_batch_size", "min_actors", "images_per_file"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_actors is not None and self.max_actors < self.min_actors:
+            raise ValueError(f"max_actors ({self.max_actors}) < min_actors ({self.min_actors})")
+        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
+            raise ValueError(f"gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
+        allowed = set(PARTITION_COLUMNS)
+        bad = [c for c in self.partition_by if c not in allowed]
+        if bad:
+            raise ValueError(
+                f"cannot partition by {bad}; choose from {', '.join(sorted(allowed))} (or none)"
+            )

@@ -16,8 +16,27 @@ import pyarrow as pa
 from pycocotools import mask as mask_utils
 
 from segpipe.decode import DecodeError
-from segpipe.model import Detections
 from segpipe.schema import IMAGES_SCHEMA, INSTANCES_SCHEMA, STATUS_ERROR, STATUS_OK
+
+
+@dataclass(frozen=True)
+class Detections:
+    """Detections of one image, sorted by descending score.
+
+    boxes: float32 (N, 4), ``x0, y0, x1, y1`` in absolute pixels of the input image.
+    labels: int64 (N,), indices into the model's category names (0 is the background).
+    scores: float32 (N,) in 0..1.
+    masks: bool (N, H, W), the mask probabilities thresholded (> mask_threshold) at the
+    input image's full resolution.
+    """
+
+    boxes: np.ndarray
+    labels: np.ndarray
+    scores: np.ndarray
+    masks: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
 
 
 @dataclass(frozen=True)

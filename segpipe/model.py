@@ -12,15 +12,18 @@ Contract of :class:`Segmenter` (one instance per worker; the model is loaded in 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
 import re
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import fsspec
 import numpy as np
 import torch
 from torch import nn
@@ -28,6 +31,7 @@ from torchvision.models.detection import mask_rcnn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from segpipe.config import ModelConfig
+from segpipe.encode import Detections
 from segpipe.io import read_bytes, redact, sha256_hex
 
 log = logging.getLogger(__name__)
@@ -52,26 +56,6 @@ _CLASS_WEIGHT_KEY = "roi_heads.box_predictor.cls_score.weight"
 
 class WeightsError(ValueError):
     """The weights cannot be used: missing, corrupt, wrong hash or not for this arch."""
-
-
-@dataclass(frozen=True)
-class Detections:
-    """Detections of one image, sorted by descending score.
-
-    boxes: float32 (N, 4), ``x0, y0, x1, y1`` in absolute pixels of the input image.
-    labels: int64 (N,), indices into the model's category names (0 is the background).
-    scores: float32 (N,) in 0..1.
-    masks: bool (N, H, W), the mask probabilities thresholded (> mask_threshold) at the
-    input image's full resolution.
-    """
-
-    boxes: np.ndarray
-    labels: np.ndarray
-    scores: np.ndarray
-    masks: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.scores.shape[0])
 
 
 @dataclass(frozen=True)
@@ -146,6 +130,33 @@ def build_model(cfg: ModelConfig) -> tuple[nn.Module, WeightsInfo]:
     return model, info
 
 
+def fingerprint_weights(cfg: ModelConfig) -> dict[str, str | None]:
+    """Identify the weights without building the model: for a run record, and to fail fast
+    (unknown name, missing checkpoint, wrong pin) before any cluster work starts."""
+    if cfg.weights.lower() == "none":
+        return {"kind": "none", "name": "none", "sha256": None}
+    member = _torchvision_weights(cfg.arch, cfg.weights)
+    if member is not None:
+        return {"kind": "torchvision", "name": str(member), "url": member.url, "sha256": None}
+    digest = hashlib.sha256()
+    try:
+        with fsspec.open(cfg.weights, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    except FileNotFoundError as exc:
+        raise WeightsError(f"checkpoint not found: {redact(cfg.weights)}") from exc
+    _check_pin(cfg.weights, digest.hexdigest(), cfg.weights_sha256)
+    return {"kind": "checkpoint", "name": redact(cfg.weights), "sha256": digest.hexdigest()}
+
+
+def _check_pin(uri: str, digest: str, expected: str | None) -> None:
+    if expected is not None and digest != expected.strip().lower():
+        raise WeightsError(
+            f"checkpoint {redact(uri)} has SHA-256 {digest}, but {expected} was required "
+            "(weights_sha256); refusing to load it"
+        )
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     state_dict: dict[str, torch.Tensor]
@@ -171,11 +182,7 @@ def load_checkpoint(uri: str, *, expected_sha256: str | None = None) -> Checkpoi
             f"could not read checkpoint {shown}: {type(exc).__name__}: {exc}"
         ) from exc
     digest = sha256_hex(data)
-    if expected_sha256 is not None and digest != expected_sha256.strip().lower():
-        raise WeightsError(
-            f"checkpoint {shown} has SHA-256 {digest}, but {expected_sha256} was required "
-            "(weights_sha256); refusing to load it"
-        )
+    _check_pin(uri, digest, expected_sha256)
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -298,17 +305,19 @@ class Segmenter:
     """Mask R-CNN loaded once; call it on a batch of RGB uint8 images."""
 
     def __init__(self, cfg: ModelConfig) -> None:
+        started = time.perf_counter()
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         model, self.weights = build_model(cfg)
         self.model = model.to(self.device)
         self.categories = self.weights.categories
         log.info(
-            "loaded %s (%s weights %s) on %s",
+            "loaded %s (%s weights %s) on %s in %.1f s",
             cfg.arch,
             self.weights.kind,
             self.weights.name,
             self.device,
+            time.perf_counter() - started,
         )
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[Detections]:

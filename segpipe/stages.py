@@ -27,9 +27,9 @@ import pyarrow.compute as pc
 
 from segpipe.config import DecodeConfig, ModelConfig
 from segpipe.decode import DecodedImage, DecodeError, decode_image
-from segpipe.encode import ImageRecord, ImageRef, images_table, instances_table
+from segpipe.encode import Detections, ImageRecord, ImageRef, images_table, instances_table
+from segpipe.inputs import canonical_uri
 from segpipe.io import read_bytes, redact
-from segpipe.model import Detections, Segmenter
 from segpipe.schema import INSTANCES_SCHEMA, STATUS_OK, image_id
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 Batch = dict[str, np.ndarray]
 
 READ_ERROR = "read_error"
+BAD_URI = "bad_uri"
 NOT_FOUND = "not_found"
 PERMISSION_DENIED = "permission_denied"
 
@@ -61,9 +62,20 @@ def fetch(uri: str) -> bytes | DecodeError:
 
 def load_batch(batch: Batch, decode: DecodeConfig, io_threads: int = 16) -> Batch:
     """Read and decode every image of a batch; failures become error rows, never exceptions."""
-    uris = [str(u) for u in batch["uri"]]
+    uris: list[str] = []
+    bad: dict[int, DecodeError] = {}
+    for i, raw in enumerate(batch["uri"]):
+        try:
+            uris.append(canonical_uri(str(raw)))
+        except ValueError as exc:
+            uris.append(str(raw))
+            bad[i] = DecodeError(BAD_URI, str(exc))
+
+    def get(i: int) -> bytes | DecodeError:
+        return bad[i] if i in bad else fetch(uris[i])
+
     with ThreadPoolExecutor(max_workers=max(1, min(io_threads, len(uris)))) as pool:
-        fetched = list(pool.map(fetch, uris))
+        fetched = list(pool.map(get, range(len(uris))))
     n = len(uris)
     out: Batch = {k: v for k, v in batch.items() if k not in _LOAD_COLUMNS}
     width = np.full(n, -1, dtype=np.int32)
@@ -83,6 +95,7 @@ def load_batch(batch: Batch, decode: DecodeConfig, io_threads: int = 16) -> Batc
             width[i] = -1 if result.width is None else result.width
             height[i] = -1 if result.height is None else result.height
             pixels[i] = np.zeros((0, 0, 3), dtype=np.uint8)
+    out["uri"] = np.array(uris, dtype=object)
     out["image_id"] = np.array([image_id(u) for u in uris], dtype=object)
     out.update(width=width, height=height, status=status, error_code=error_code, error=error)
     out["pixels"] = pixels
@@ -96,6 +109,9 @@ class Segment:
     """
 
     def __init__(self, model: ModelConfig, run_id: str) -> None:
+        # Imported here so that the CPU steps never pay for importing torch.
+        from segpipe.model import Segmenter
+
         self.run_id = run_id
         self.segmenter = Segmenter(model)
 

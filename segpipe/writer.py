@@ -12,12 +12,18 @@ the same unit of work twice replaces its files instead of adding copies.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
+from dataclasses import astuple, dataclass
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pds
 from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+from segpipe.schema import STATUS_OK
+from segpipe.stages import split_tables
 
 IMAGES_DIR = "images"
 INSTANCES_DIR = "instances"
@@ -54,3 +60,41 @@ def write_table(
         create_dir=True,
     )
     return written
+
+
+@dataclass
+class WriteCounts:
+    """What one write (or, summed, a whole run) put in the tables."""
+
+    images: int = 0
+    images_ok: int = 0
+    images_error: int = 0
+    instances: int = 0
+    files: int = 0
+
+    def __add__(self, other: WriteCounts) -> WriteCounts:
+        return WriteCounts(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+
+def write_rows(rows: pa.Table, output: str, *, partition_by: Sequence[str]) -> WriteCounts:
+    """Write per-image rows with nested detections (``stages.image_rows``) as the two tables.
+
+    The file stem is derived from the image ids the rows hold, so the same images always land
+    in the same file names. Instances are written before images: an ``images`` row is visible
+    only once its image's instances are.
+    """
+    if rows.num_rows == 0:
+        return WriteCounts()
+    images, instances = split_tables(rows)
+    ids = images.column("image_id").to_pylist()
+    stem = "part-" + hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:20]
+    files = write_table(instances, output, INSTANCES_DIR, partition_by=partition_by, file_stem=stem)
+    files += write_table(images, output, IMAGES_DIR, partition_by=partition_by, file_stem=stem)
+    ok = int(pc.sum(pc.equal(images.column("status"), STATUS_OK)).as_py() or 0)
+    return WriteCounts(
+        images=images.num_rows,
+        images_ok=ok,
+        images_error=images.num_rows - ok,
+        instances=instances.num_rows,
+        files=len(files),
+    )

@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import torch
+from torchvision.models.detection import maskrcnn_resnet50_fpn
 
-from tests.s3server import moto_server
+from segpipe.s3local import moto_server
 
 FAKE_KEY_ID = "segpipe-test-key-id"
 FAKE_SECRET = "segpipe-test-secret-never-logged"
@@ -12,20 +16,55 @@ FAKE_SECRET = "segpipe-test-secret-never-logged"
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
+    """A real S3 API (moto's server) on 127.0.0.1 for the whole session, stopped at its end.
+
+    The standard AWS provider chain is pointed at it through the environment, before any Ray
+    runtime starts, so that Ray's workers inherit the same settings.
+    """
+    env = {
+        "AWS_ACCESS_KEY_ID": FAKE_KEY_ID,
+        "AWS_SECRET_ACCESS_KEY": FAKE_SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in [*env, "AWS_ENDPOINT_URL", "AWS_PROFILE"]}
     with moto_server() as endpoint:
-        yield endpoint
+        os.environ.update(env, AWS_ENDPOINT_URL=endpoint)
+        os.environ.pop("AWS_PROFILE", None)
+        try:
+            yield endpoint
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 @pytest.fixture
-def s3_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Point the standard AWS provider chain at the loopback server, with fake credentials."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", FAKE_KEY_ID)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
+def s3_env(s3_endpoint: str) -> str:
     import fsspec
 
-    fsspec.config.conf.pop("s3", None)
     fsspec.filesystem("s3").clear_instance_cache()
     return s3_endpoint
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_endpoint: str) -> Iterator[None]:
+    """One embedded Ray runtime for the in-process pipeline tests (2 CPUs, like CI)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=1_500_000_000)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded random R50-FPN Mask R-CNN state dict (91 classes), saved by the tests."""
+    torch.manual_seed(0)
+    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+    path = tmp_path_factory.mktemp("weights") / "maskrcnn-random.pt"
+    torch.save(model.state_dict(), path)
+    return path

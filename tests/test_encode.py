@@ -12,6 +12,7 @@ import pytest
 
 from segpipe.decode import DecodeError
 from segpipe.encode import (
+    Detections,
     ImageRecord,
     ImageRef,
     decode_mask,
@@ -19,7 +20,6 @@ from segpipe.encode import (
     images_table,
     instances_table,
 )
-from segpipe.model import Detections
 from segpipe.schema import IMAGES_SCHEMA, INSTANCES_SCHEMA, image_id
 
 CATEGORIES = ("__background__", "circle", "square", "triangle")

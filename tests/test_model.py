@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
@@ -50,11 +49,13 @@ def reference_model(num_classes: int = 91, **kwargs: object) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def checkpoint(random_checkpoint: Path) -> Path:
     """A state dict saved by the test: a seeded random R50-FPN Mask R-CNN (91 classes)."""
-    path = tmp_path_factory.mktemp("ckpt") / "maskrcnn.pt"
-    torch.save(reference_model().state_dict(), path)
-    yield path
+    assert torch.equal(
+        torch.load(random_checkpoint, weights_only=True)["backbone.fpn.layer_blocks.0.0.bias"],
+        reference_model().state_dict()["backbone.fpn.layer_blocks.0.0.bias"],
+    )
+    return random_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +108,7 @@ def test_checkpoint_through_fsspec_and_sha256_pin(checkpoint: Path, s3_env: str)
     data = checkpoint.read_bytes()
     digest = sha256_hex(data)
     fs = fsspec.filesystem("s3")
-    fs.mkdir("models")
+    fs.makedirs("models", exist_ok=True)
     with fs.open("models/maskrcnn.pt", "wb") as f:
         f.write(data)
 

@@ -8,8 +8,6 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
-from torchvision.models.detection import maskrcnn_resnet50_fpn
 
 from segpipe.config import DecodeConfig, ModelConfig
 from segpipe.encode import ImageRef, instances_table
@@ -23,11 +21,8 @@ SMALL = dict(min_size=96, max_size=160, max_detections=8)
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> str:
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("w") / "m.pt"
-    torch.save(maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict(), path)
-    return str(path)
+def weights(random_checkpoint: Path) -> str:
+    return str(random_checkpoint)
 
 
 @pytest.fixture

@@ -1,4 +1,7 @@
-"""A real S3 API on loopback for tests: moto's server in a child process."""
+"""An S3-compatible server on loopback (moto's), for the demo and the tests.
+
+It needs the ``demo`` extra (``moto[server]``). Nothing here is used by ``segpipe run``.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +23,12 @@ def free_port() -> int:
 @contextlib.contextmanager
 def moto_server() -> Iterator[str]:
     """Start moto's S3-compatible server on 127.0.0.1; yield its endpoint URL; stop it."""
+    try:
+        import moto.server  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError(
+            "the local S3 server needs moto: install segpipe with the 'demo' extra"
+        ) from exc
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],

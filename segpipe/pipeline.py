@@ -1,0 +1,262 @@
+"""The distributed job: the only module that imports ray.
+
+Plan (Ray Data, streaming end to end; no step holds the whole dataset)::
+
+    URIs (listing shards or manifest)                       read_parquet / read_csv / read_text
+      -> prepare_manifest_batch                             tasks: rename, strip, drop blanks
+      -> repartition(target_num_rows_per_block=load_batch)  small blocks, so decoding spreads
+      -> load_batch                                         CPU tasks: read bytes + decode
+      -> Segment                                            actor pool: Mask R-CNN, GPU if any
+      -> _TablesSink                                        write tasks: Parquet, both tables
+
+Each write task gets at least ``images_per_file`` images, which bounds the number of files
+to about ``images / images_per_file`` per table and partition.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import ray
+from ray.data import ActorPoolStrategy, Dataset
+from ray.data.block import Block, BlockAccessor
+from ray.data.datasource import Datasink, WriteResult
+
+from segpipe.config import RunConfig
+from segpipe.inputs import check_manifest, list_images, manifest_format, prepare_manifest_batch
+from segpipe.inputs import write_listing as write_listing_shards
+from segpipe.io import redact
+from segpipe.model import fingerprint_weights
+from segpipe.record import now, public_config, record_uri, versions, write_record
+from segpipe.stages import Segment, load_batch
+from segpipe.writer import IMAGES_DIR, INSTANCES_DIR, WriteCounts, arrow_filesystem, write_rows
+
+log = logging.getLogger(__name__)
+
+LISTING_DIR = "_listing"
+DECODE_TASK_MEMORY = 256 * 1024**2
+
+
+class OutputError(ValueError):
+    """The output location cannot take this run."""
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_id: str
+    output: str
+    images: int
+    images_ok: int
+    images_error: int
+    instances: int
+    files: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def describe(self) -> str:
+        return (
+            f"run {self.run_id}: {self.images} images ({self.images_ok} ok, "
+            f"{self.images_error} error), {self.instances} instances, {self.files} files in "
+            f"{self.seconds:.1f} s ({self.images_per_s:.2f} images/s) -> {redact(self.output)}"
+        )
+
+
+def default_run_id() -> str:
+    return "run-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def run(cfg: RunConfig) -> RunSummary:
+    """Run the whole job; checks everything it can before any cluster work starts."""
+    started = time.monotonic()
+    named = cfg.run_id is not None
+    cfg = replace(cfg, output=cfg.output.rstrip("/"), run_id=cfg.run_id or default_run_id())
+    assert cfg.run_id is not None
+    _check_output(cfg, named)
+    weights = fingerprint_weights(cfg.model)
+    extras = check_manifest(cfg.manifest, cfg.uri_column) if cfg.manifest else []
+    listed = None
+    if cfg.inputs:
+        listed = write_listing_shards(list_images(cfg.inputs, cfg.extensions), _listing_folder(cfg))
+        log.info("listed %d images from %d inputs", listed, len(cfg.inputs))
+    record: dict[str, Any] = {
+        "run_id": cfg.run_id,
+        "status": "running",
+        "started_at": now(),
+        "config": public_config(cfg),
+        "versions": versions(),
+        "weights": weights,
+        "manifest_columns": extras,
+        "listed_images": listed,
+    }
+    write_record(cfg.output, cfg.run_id, record)
+
+    started_ray = _init_ray()
+    try:
+        plan = _actor_plan(cfg)
+        record["actors"] = asdict(plan)
+        write_record(cfg.output, cfg.run_id, record)
+        sink = _TablesSink(cfg.output, cfg.partition_by, cfg.images_per_file)
+        _build(cfg, plan).write_datasink(sink)
+    except BaseException as exc:
+        record.update(status="failed", finished_at=now(), error=f"{type(exc).__name__}: {exc}")
+        write_record(cfg.output, cfg.run_id, record)
+        raise
+    finally:
+        if started_ray:
+            ray.shutdown()
+    counts = sink.totals
+    summary = RunSummary(
+        cfg.run_id, cfg.output, **asdict(counts), seconds=time.monotonic() - started
+    )
+    if listed is not None and counts.images != listed:
+        log.error("listed %d images but wrote %d images rows", listed, counts.images)
+    record.update(
+        status="succeeded",
+        finished_at=now(),
+        counts=asdict(counts),
+        seconds=round(summary.seconds, 3),
+        images_per_s=round(summary.images_per_s, 3),
+    )
+    write_record(cfg.output, cfg.run_id, record)
+    return summary
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """The model actors' resources, resolved against the cluster."""
+
+    min_actors: int
+    max_actors: int
+    gpus_per_actor: float
+    cpus_per_actor: float
+    batch_size: int
+
+
+def _actor_plan(cfg: RunConfig) -> ActorPlan:
+    """Defaults: one GPU per actor and one actor per GPU when the cluster has GPUs; else CPU
+    actors, ``min_actors`` of them. An autoscaling cluster whose GPU nodes are not up yet
+    shows no GPUs: pass ``gpus_per_actor`` (and ``max_actors``) explicitly there."""
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    gpus = cfg.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if cluster_gpus > 0 else 0.0
+    max_actors = cfg.max_actors
+    if max_actors is None:
+        max_actors = max(cfg.min_actors, int(cluster_gpus // gpus) if gpus > 0 else 0)
+    plan = ActorPlan(cfg.min_actors, max_actors, gpus, cfg.cpus_per_actor, cfg.batch_size)
+    log.info("model actors: %s", plan)
+    return plan
+
+
+def _build(cfg: RunConfig, plan: ActorPlan) -> Dataset:
+    ds = _read_uris(cfg)
+    ds = ds.repartition(target_num_rows_per_block=cfg.load_batch_size)
+    ds = ds.map_batches(
+        partial(load_batch, decode=cfg.decode),
+        batch_size=cfg.load_batch_size,
+        batch_format="numpy",
+        num_cpus=1,
+        # A reservation for the decoded pixels a task holds. Because it differs from the
+        # actors' resources it also keeps Ray from fusing decoding into the model actors,
+        # which should spend their time on inference only.
+        memory=DECODE_TASK_MEMORY,
+    )
+    return ds.map_batches(
+        Segment,
+        fn_constructor_kwargs={"model": cfg.model, "run_id": cfg.run_id},
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
+        num_gpus=plan.gpus_per_actor,
+        num_cpus=plan.cpus_per_actor,
+    )
+
+
+def _read_uris(cfg: RunConfig) -> Dataset:
+    source = cfg.manifest or _listing_folder(cfg)
+    filesystem, path = arrow_filesystem(source)
+    kind = "parquet" if cfg.manifest is None else manifest_format(cfg.manifest)
+    if kind == "parquet":
+        ds = ray.data.read_parquet(path, filesystem=filesystem)
+    elif kind == "csv":
+        ds = ray.data.read_csv(path, filesystem=filesystem)
+    else:
+        ds = ray.data.read_text(path, filesystem=filesystem)
+    column = cfg.uri_column if cfg.manifest is not None else "uri"
+    return ds.map_batches(partial(prepare_manifest_batch, uri_column=column), batch_format="numpy")
+
+
+def _listing_folder(cfg: RunConfig) -> str:
+    return f"{cfg.output}/{LISTING_DIR}/{cfg.run_id}"
+
+
+def _check_output(cfg: RunConfig, named: bool) -> None:
+    """Refuse to mix runs: a run id that exists, or an unnamed run into a used output."""
+    assert cfg.run_id is not None
+    fs, root = fsspec.core.url_to_fs(cfg.output)
+    if fs.exists(record_uri(root, cfg.run_id)):
+        raise OutputError(
+            f"run {cfg.run_id} already exists in {redact(cfg.output)}; choose another --run-id"
+        )
+    used = [d for d in (IMAGES_DIR, INSTANCES_DIR) if fs.exists(f"{root}/{d}")]
+    if used and not named:
+        raise OutputError(
+            f"{redact(cfg.output)} already holds results; pass --run-id NAME to add a run "
+            "beside them, or choose an empty output"
+        )
+    try:
+        fs.makedirs(root, exist_ok=True)
+    except Exception as exc:
+        raise OutputError(f"cannot create output {redact(cfg.output)}: {exc}") from exc
+
+
+def _init_ray() -> bool:
+    """Join the cluster named by RAY_ADDRESS, or start an embedded local Ray. True if started."""
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("joining the Ray cluster at %s", redact(address))
+        ray.init(address=address)
+    else:
+        log.info("RAY_ADDRESS is not set: starting an embedded local Ray")
+        ray.init(include_dashboard=False)
+    return True
+
+
+class _TablesSink(Datasink[WriteCounts]):
+    """Writes each bundle of per-image rows as an ``images`` and an ``instances`` file."""
+
+    def __init__(self, output: str, partition_by: Iterable[str], images_per_file: int) -> None:
+        self.output = output
+        self.partition_by = tuple(partition_by)
+        self.images_per_file = images_per_file
+        self.totals = WriteCounts()
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.images_per_file
+
+    def write(self, blocks: Iterable[Block], ctx: Any) -> WriteCounts:
+        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+        tables = [t for t in tables if t.num_rows]
+        if not tables:
+            return WriteCounts()
+        rows = pa.concat_tables(tables, promote_options="default")
+        return write_rows(rows, self.output, partition_by=self.partition_by)
+
+    def on_write_complete(self, write_result: WriteResult[WriteCounts]) -> None:
+        for counts in write_result.write_returns:
+            self.totals = self.totals + counts

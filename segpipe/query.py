@@ -1,0 +1,36 @@
+"""DuckDB over an output: the views ``images`` and ``instances``, local or on object storage.
+
+DuckDB's own ``httpfs`` extension is downloaded on first use, which machines without internet
+can't do; segpipe registers the output's fsspec filesystem with DuckDB instead, so the same
+credentials and endpoint settings (``AWS_ENDPOINT_URL``, profiles, roles) apply as for the job.
+"""
+
+from __future__ import annotations
+
+import duckdb
+import fsspec
+
+from segpipe.writer import IMAGES_DIR, INSTANCES_DIR
+
+
+def connect(output: str) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with ``images`` and ``instances`` views over ``output``."""
+    output = output.rstrip("/")
+    fs, root = fsspec.core.url_to_fs(output)
+    con = duckdb.connect()
+    if "://" in output and not output.startswith("file://"):
+        con.register_filesystem(fs)
+        base = output
+    else:
+        base = root
+    for view in (IMAGES_DIR, INSTANCES_DIR):
+        if not fs.exists(f"{root}/{view}"):
+            raise FileNotFoundError(f"no {view} table under {output}")
+        pattern = f"{base}/{view}/**/*.parquet".replace("'", "''")
+        # hive_types_autocast=false: partition values stay strings (a run id such as
+        # "2024" must not turn into an integer column).
+        con.sql(
+            f"CREATE VIEW {view} AS SELECT * FROM read_parquet('{pattern}', "
+            "hive_partitioning=true, hive_types_autocast=false, union_by_name=true)"
+        )
+    return con

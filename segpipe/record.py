@@ -1,0 +1,64 @@
+"""The run record: ``<output>/_runs/<run_id>.json``, written at the start and end of a run.
+
+It holds the configuration (URIs redacted, no credentials: those never enter the config),
+library versions, the model and a fingerprint of its weights, counts and timings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+from datetime import UTC, datetime
+from importlib import metadata
+from typing import Any
+
+import fsspec
+
+from segpipe.config import RunConfig
+from segpipe.io import redact
+
+RUNS_DIR = "_runs"
+_PACKAGES = ("segpipe", "torch", "torchvision", "ray", "pyarrow", "pycocotools", "pillow")
+
+
+def record_uri(output: str, run_id: str) -> str:
+    return f"{output.rstrip('/')}/{RUNS_DIR}/{run_id}.json"
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def public_config(cfg: RunConfig) -> dict[str, Any]:
+    """The config as JSON-ready data with every URI redacted."""
+    data = dataclasses.asdict(cfg)
+    data["output"] = redact(cfg.output)
+    data["inputs"] = [redact(u) for u in cfg.inputs]
+    data["manifest"] = redact(cfg.manifest) if cfg.manifest else None
+    data["model"]["weights"] = redact(cfg.model.weights)
+    if cfg.model.categories:
+        data["model"]["categories"] = redact(cfg.model.categories)
+    return data
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def write_record(output: str, run_id: str, record: dict[str, Any]) -> None:
+    with fsspec.open(record_uri(output, run_id), "w") as f:
+        json.dump(record, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+
+
+def read_record(output: str, run_id: str) -> dict[str, Any]:
+    with fsspec.open(record_uri(output, run_id), "r") as f:
+        data: dict[str, Any] = json.load(f)
+    return data
