@@ -1,23 +1,25 @@
 # Entry points for a fresh machine: each target installs what it needs on first use.
-# uv comes from PyPI into .tools/ unless it is already on PATH.
+# uv comes from PyPI into .tools/ unless it is already on PATH. Commands run from .venv/bin
+# directly rather than through `uv run`, whose environment Ray would try to re-create in
+# every worker process.
 UV ?= $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.tools/bin/uv)
 
 .PHONY: demo test lint format sync
 
 demo: .venv/.synced
-	$(UV) run --locked --no-sync segpipe demo
+	.venv/bin/segpipe demo
 
 test: .venv/.synced
-	$(UV) run --locked --no-sync pytest
+	.venv/bin/pytest
 
 lint: .venv/.synced
-	$(UV) run --locked --no-sync ruff check .
-	$(UV) run --locked --no-sync ruff format --check .
-	$(UV) run --locked --no-sync mypy segpipe
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy segpipe
 
 format: .venv/.synced
-	$(UV) run --locked --no-sync ruff format .
-	$(UV) run --locked --no-sync ruff check --fix .
+	.venv/bin/ruff format .
+	.venv/bin/ruff check --fix .
 
 sync: .venv/.synced
 

@@ -26,6 +26,13 @@ from typing import Any
 
 import fsspec
 import pyarrow as pa
+
+# Under `uv run`, Ray by default re-creates the driver's uv environment for every worker
+# (running `uv run` again in a copy of the working directory); with a locked, already
+# synced environment that fails and workers never start. segpipe's workers use the
+# environment they are installed in, so turn that off before ray reads its settings.
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
 import ray
 from ray.data import ActorPoolStrategy, Dataset
 from ray.data.block import Block, BlockAccessor
