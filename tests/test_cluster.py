@@ -20,7 +20,7 @@ import pytest
 
 from segpipe.query import connect
 from segpipe.record import read_record
-from segpipe.s3local import free_port
+from segpipe.s3local import free_port, stop_process
 from segpipe.samples import sample_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,12 +83,7 @@ def cluster(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
             yield address, env
         finally:
             for proc in reversed(procs):  # the worker first, while its head still answers
-                proc.terminate()
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                stop_process(proc, timeout=60)
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 
