@@ -52,8 +52,12 @@ def list_images(inputs: Sequence[str], extensions: Sequence[str]) -> Iterator[st
     for item in inputs:
         fs, path = fsspec.core.url_to_fs(item)
         if any(c in path for c in _GLOB_CHARS):
-            found = sorted(p for p in fs.glob(path) if fs.isfile(p))
-            files: Iterable[str] = (p for p in found if p.lower().endswith(suffixes))
+            found = fs.glob(path, detail=True)  # one listing, no request per match
+            files: Iterable[str] = sorted(
+                p
+                for p, info in found.items()
+                if info["type"] == "file" and p.lower().endswith(suffixes)
+            )
         elif fs.isdir(path):
             files = _walk_files(fs, path, suffixes)
         elif fs.isfile(path):

@@ -9,6 +9,7 @@ before it is shown.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from typing import Any
 
@@ -20,6 +21,12 @@ _USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")
 def redact(uri: str) -> str:
     """The URI without userinfo (``scheme://user:secret@host``) or query string."""
     return _USERINFO.sub(r"\1***@", uri).split("?", 1)[0]
+
+
+def absolute(uri: str) -> str:
+    """``uri`` unchanged if it has a scheme, else the absolute form of the local path: Ray
+    workers need not share the driver's working directory."""
+    return uri if "://" in uri else os.path.abspath(uri)
 
 
 def read_bytes(uri: str, **storage_options: Any) -> bytes:

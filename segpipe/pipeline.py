@@ -41,7 +41,7 @@ from ray.data.datasource import Datasink, WriteResult
 from segpipe.config import RunConfig
 from segpipe.inputs import check_manifest, list_images, manifest_format, prepare_manifest_batch
 from segpipe.inputs import write_listing as write_listing_shards
-from segpipe.io import redact
+from segpipe.io import absolute, redact
 from segpipe.model import fingerprint_weights
 from segpipe.record import now, public_config, record_uri, versions, write_record
 from segpipe.stages import Segment, load_batch
@@ -88,7 +88,7 @@ def run(cfg: RunConfig) -> RunSummary:
     """Run the whole job; checks everything it can before any cluster work starts."""
     started = time.monotonic()
     named = cfg.run_id is not None
-    cfg = replace(cfg, output=cfg.output.rstrip("/"), run_id=cfg.run_id or default_run_id())
+    cfg = _resolved(cfg)
     assert cfg.run_id is not None
     _check_output(cfg, named)
     weights = fingerprint_weights(cfg.model)
@@ -203,6 +203,22 @@ def _read_uris(cfg: RunConfig) -> Dataset:
         ds = ray.data.read_text(path, filesystem=filesystem)
     column = cfg.uri_column if cfg.manifest is not None else "uri"
     return ds.map_batches(partial(prepare_manifest_batch, uri_column=column), batch_format="numpy")
+
+
+def _resolved(cfg: RunConfig) -> RunConfig:
+    """Fill in the run id and make local paths absolute (workers may run elsewhere)."""
+    model = cfg.model
+    if os.path.exists(model.weights):
+        model = replace(model, weights=absolute(model.weights))
+    if model.categories is not None:
+        model = replace(model, categories=absolute(model.categories))
+    return replace(
+        cfg,
+        output=absolute(cfg.output).rstrip("/"),
+        manifest=absolute(cfg.manifest) if cfg.manifest else None,
+        run_id=cfg.run_id or default_run_id(),
+        model=model,
+    )
 
 
 def _listing_folder(cfg: RunConfig) -> str:

@@ -322,3 +322,46 @@ def test_listing_is_streamed_into_bounded_shards(tmp_path: Path) -> None:
         pa.concat_tables([pq.read_table(s) for s in shards]).column("uri").to_numpy(),
         np.array(uris, dtype=object),
     )
+
+
+def test_local_paths_are_made_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, random_checkpoint: Path
+) -> None:
+    from segpipe.pipeline import _resolved
+
+    monkeypatch.chdir(random_checkpoint.parent)
+    cfg = _resolved(
+        RunConfig(
+            output="out/",
+            manifest="list.csv",
+            model=ModelConfig(weights=random_checkpoint.name, categories="names.txt"),
+        )
+    )
+    assert cfg.output == str(random_checkpoint.parent / "out")
+    assert cfg.manifest == str(random_checkpoint.parent / "list.csv")
+    assert cfg.model.weights == str(random_checkpoint)
+    assert cfg.model.categories == str(random_checkpoint.parent / "names.txt")
+    assert cfg.run_id is not None and cfg.run_id.startswith("run-")
+    named = _resolved(RunConfig(output="s3://b/o", inputs=("s3://b/i/",), run_id="x"))
+    assert (named.output, named.run_id, named.model.weights) == ("s3://b/o", "x", "DEFAULT")
+
+
+def test_s3_globs_and_prefixes(s3_env: str) -> None:
+    from segpipe.inputs import InputError, list_images
+
+    fs = fsspec.filesystem("s3")
+    fs.makedirs("segpipe-glob", exist_ok=True)
+    for key in ("a/1.jpg", "a/2.PNG", "a/skip.txt", "a/sub/3.jpg", "b/4.jpg"):
+        fs.pipe_file(f"segpipe-glob/{key}", b"x")
+    exts = [".jpg", ".png"]
+    assert list(list_images(["s3://segpipe-glob/a/*"], exts)) == [
+        "s3://segpipe-glob/a/1.jpg",
+        "s3://segpipe-glob/a/2.PNG",
+    ]
+    assert list(list_images(["s3://segpipe-glob/a/"], exts)) == [
+        "s3://segpipe-glob/a/1.jpg",
+        "s3://segpipe-glob/a/2.PNG",
+        "s3://segpipe-glob/a/sub/3.jpg",
+    ]
+    with pytest.raises(InputError, match="input not found: s3://segpipe-glob/c"):
+        list(list_images(["s3://segpipe-glob/c"], exts))
