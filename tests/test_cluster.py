@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -53,6 +54,9 @@ def cluster(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     # Token authentication is on by default; clients send the token only in "token" mode.
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", PYTHONUNBUFFERED="1")
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # nothing to drain: stop at once
+    # The cluster's own token, shared by its nodes and clients through the environment, so
+    # the test needs no ~/.ray/auth_token (a fresh machine has none).
+    env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     env.pop("RAY_ADDRESS", None)
     temp_dir = Path("/tmp") / f"segpipe-ray-{os.getpid()}-{gcs_port}"
     common = ["--block", "--node-ip-address", "127.0.0.1", "--temp-dir", str(temp_dir)]
