@@ -65,7 +65,7 @@ def list_images(inputs: Sequence[str], extensions: Sequence[str]) -> Iterator[st
         else:
             raise InputError(f"input not found: {redact(item)}")
         for p in files:
-            yield fs.unstrip_protocol(p) if "://" in item else "file://" + os.path.abspath(p)
+            yield canonical_uri(fs.unstrip_protocol(p) if "://" in item else os.path.abspath(p))
 
 
 def _walk_files(
