@@ -18,7 +18,7 @@ from typing import Any
 
 import fsspec
 
-from segpipe.config import ARCHS, DEVICES, DecodeConfig, ModelConfig, RunConfig
+from segpipe.config import ARCH_CHOICES, DEVICES, DecodeConfig, ModelConfig, RunConfig
 
 log = logging.getLogger("segpipe")
 
@@ -77,13 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", metavar="FILE", help="TOML or YAML file setting these flags")
     run.add_argument("--run-id", help="name of this run (default: run-<UTC timestamp>)")
     model = run.add_argument_group("model")
-    model.add_argument("--arch", choices=ARCHS)
-    model.add_argument("--weights", help="DEFAULT | <torchvision name> | <checkpoint URI> | none")
+    model.add_argument(
+        "--arch", choices=ARCH_CHOICES, help="default auto: the checkpoint's, else R50-FPN"
+    )
+    model.add_argument(
+        "--weights", help="DEFAULT | <torchvision name> | <checkpoint URI> | shapes | none"
+    )
     model.add_argument("--weights-sha256", help="required SHA-256 of the checkpoint file")
     model.add_argument("--categories", metavar="URI", help="category names for the checkpoint")
     model.add_argument("--device", choices=DEVICES)
-    model.add_argument("--min-size", type=int, help="short side to rescale to (default 800)")
-    model.add_argument("--max-size", type=int, help="long side cap (default 1333)")
+    model.add_argument(
+        "--min-size", type=int, help="short side to rescale to (default: checkpoint's, else 800)"
+    )
+    model.add_argument(
+        "--max-size", type=int, help="long side cap (default: checkpoint's, else 1333)"
+    )
     model.add_argument("--score-threshold", type=float, help="default 0.05")
     model.add_argument("--mask-threshold", type=float, help="default 0.5")
     model.add_argument("--max-detections", type=int, help="per image (default 100)")
@@ -105,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--format", choices=("table", "csv", "json"), default="table")
 
     demo = sub.add_parser("demo", help="the whole job on generated images in a local S3")
-    demo.add_argument("--images", type=int, default=8, help="how many images to generate")
+    demo.add_argument("--images", type=int, default=24, help="how many images to generate")
     return parser
 
 

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 from segpipe.decode import DEFAULT_MAX_PIXELS
 
-ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")
+ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_tiny_fpn")
+# ``auto``: the arch a checkpoint records, else the first of ARCHS.
+ARCH_CHOICES = ("auto", *ARCHS)
 DEVICES = ("auto", "cpu", "cuda")
 # Low-cardinality columns it makes sense to make folders of. ``label`` partitions only the
 # instances table; ``status`` only the images table.
@@ -23,13 +25,17 @@ class ModelConfig:
         ``MaskRCNN_ResNet50_FPN_Weights.COCO_V1`` (downloaded and cached by torchvision);
       - a checkpoint path or fsspec URI (``/m.pt``, ``file:///m.pt``, ``s3://bucket/m.pt``)
         holding a state dict, loaded with ``torch.load(weights_only=True)``;
+      - ``shapes``: the checkpoint shipped in the package (``maskrcnn_tiny_fpn`` trained on the
+        generated shapes dataset, classes circle/square/triangle; see ``jobs/train_shapes.py``);
       - ``none``: random initialisation. Output is meaningless; for plumbing tests only.
 
     The thresholds and sizes default to torchvision's own defaults, so the detector behaves
-    exactly as ``torchvision.models.detection.<arch>(weights=...)`` does.
+    exactly as ``torchvision.models.detection.<arch>(weights=...)`` does. ``arch="auto"`` and
+    unset sizes take what a checkpoint records (its ``arch`` and ``transform``), else
+    ``maskrcnn_resnet50_fpn`` at 800/1333.
     """
 
-    arch: str = "maskrcnn_resnet50_fpn"
+    arch: str = "auto"
     weights: str = "DEFAULT"
     # Expected SHA-256 (hex) of a checkpoint file; a mismatch refuses to load it.
     weights_sha256: str | None = None
@@ -37,18 +43,26 @@ class ModelConfig:
     # "categories" list of {"id", "name"} objects, or a text file with one name per line.
     categories: str | None = None
     device: str = "auto"  # auto | cpu | cuda
-    min_size: int = 800  # short side the model rescales each image to
-    max_size: int = 1333  # cap on the long side after rescaling
+    min_size: int | None = None  # short side the model rescales each image to (800)
+    max_size: int | None = None  # cap on the long side after rescaling (1333)
     score_threshold: float = 0.05  # drop detections scoring below this (box_score_thresh)
     mask_threshold: float = 0.5  # a mask pixel is set where its probability is > this
     max_detections: int = 100  # keep at most this many detections per image
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise ValueError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        if self.arch not in ARCH_CHOICES:
+            raise ValueError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCH_CHOICES)}")
         if self.device not in DEVICES:
             raise ValueError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
-        if not 0 < self.min_size <= self.max_size:
+        for name in ("min_size", "max_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if (
+            self.min_size is not None
+            and self.max_size is not None
+            and self.min_size > self.max_size
+        ):
             raise ValueError(
                 f"need 0 < min_size <= max_size, got min_size={self.min_size}, "
                 f"max_size={self.max_size}"

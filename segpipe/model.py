@@ -12,7 +12,6 @@ Contract of :class:`Segmenter` (one instance per worker; the model is loaded in 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -21,15 +20,16 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 from torch import nn
 from torchvision.models.detection import mask_rcnn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from segpipe import tiny
 from segpipe.config import ModelConfig
 from segpipe.encode import Detections
 from segpipe.io import read_bytes, redact, sha256_hex
@@ -39,7 +39,12 @@ log = logging.getLogger(__name__)
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "maskrcnn_resnet50_fpn": mask_rcnn.maskrcnn_resnet50_fpn,
     "maskrcnn_resnet50_fpn_v2": mask_rcnn.maskrcnn_resnet50_fpn_v2,
+    tiny.ARCH: tiny.maskrcnn_tiny_fpn,
 }
+DEFAULT_ARCH = "maskrcnn_resnet50_fpn"
+DEFAULT_MIN_SIZE, DEFAULT_MAX_SIZE = 800, 1333  # torchvision's defaults
+# Checkpoints shipped inside the package, by the name ``--weights`` takes.
+SHIPPED_WEIGHTS = {"shapes": "weights/shapes.pt"}
 _WEIGHTS_ENUMS: dict[str, Any] = {
     "maskrcnn_resnet50_fpn": mask_rcnn.MaskRCNN_ResNet50_FPN_Weights,
     "maskrcnn_resnet50_fpn_v2": mask_rcnn.MaskRCNN_ResNet50_FPN_V2_Weights,
@@ -60,12 +65,16 @@ class WeightsError(ValueError):
 
 @dataclass(frozen=True)
 class WeightsInfo:
-    """Where the weights came from, for the run record and the logs (no secrets)."""
+    """What was built and where its weights came from, for the run record and the logs (no
+    secrets)."""
 
     kind: str  # "torchvision" | "checkpoint" | "none"
-    name: str  # weights enum name or redacted URI
+    name: str  # weights enum name, redacted URI, or the name of shipped weights
     sha256: str | None
     categories: tuple[str, ...]
+    arch: str
+    min_size: int
+    max_size: int
 
 
 def resolve_device(name: str) -> torch.device:
@@ -77,76 +86,152 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def shipped_weights(name: str) -> str | None:
+    """The path of checkpoint ``name`` shipped inside the package (``shapes``), else None."""
+    file = SHIPPED_WEIGHTS.get(name)
+    if file is None:
+        return None
+    path = resources.files("segpipe").joinpath(file)
+    if not path.is_file():
+        raise WeightsError(f"the shipped checkpoint {name!r} is missing from this install ({file})")
+    return str(path)
+
+
+def _source(weights: str) -> str:
+    """Where to read checkpoint ``weights`` from: shipped weights by name, else the URI."""
+    return shipped_weights(weights) or weights
+
+
+def _shown(weights: str) -> str:
+    return weights if weights in SHIPPED_WEIGHTS else redact(weights)
+
+
+def _arch(cfg: ModelConfig, recorded: str | None = None) -> str:
+    """The arch to build: the configured one, else the checkpoint's, else the default."""
+    if cfg.arch == "auto":
+        return recorded or DEFAULT_ARCH
+    if recorded is not None and recorded != cfg.arch:
+        raise WeightsError(
+            f"checkpoint {_shown(cfg.weights)} was saved for arch {recorded!r}, not {cfg.arch!r}"
+        )
+    return cfg.arch
+
+
+def _sizes(cfg: ModelConfig, recorded: Mapping[str, Any] | None = None) -> tuple[int, int]:
+    recorded = recorded or {}
+    min_size = cfg.min_size or int(recorded.get("min_size", DEFAULT_MIN_SIZE))
+    max_size = cfg.max_size or int(recorded.get("max_size", DEFAULT_MAX_SIZE))
+    if min_size > max_size:
+        raise ValueError(f"need min_size <= max_size, got {min_size} > {max_size}")
+    return min_size, max_size
+
+
 def build_model(cfg: ModelConfig) -> tuple[nn.Module, WeightsInfo]:
-    """The Mask R-CNN for ``cfg`` on the CPU, in eval mode, and a description of its weights."""
+    """The Mask R-CNN for ``cfg`` on the CPU, in eval mode, and a description of it."""
     kwargs: dict[str, Any] = {
-        "min_size": cfg.min_size,
-        "max_size": cfg.max_size,
         "box_score_thresh": cfg.score_threshold,
         "box_detections_per_img": cfg.max_detections,
     }
-    builder = _BUILDERS[cfg.arch]
-    enum_member = _torchvision_weights(cfg.arch, cfg.weights)
     if cfg.weights.lower() == "none":
+        arch = _arch(cfg)
+        min_size, max_size = _sizes(cfg)
         log.warning(
             "weights=none: %s is RANDOMLY INITIALISED. Its detections are meaningless; use "
             "this only to test plumbing.",
-            cfg.arch,
+            arch,
         )
-        model = builder(weights=None, weights_backbone=None, **kwargs)
-        info = WeightsInfo("none", "none", None, COCO_CATEGORIES)
-    elif enum_member is not None:
+        model = _BUILDERS[arch](
+            weights=None, weights_backbone=None, min_size=min_size, max_size=max_size, **kwargs
+        )
+        info = WeightsInfo("none", "none", None, COCO_CATEGORIES, arch, min_size, max_size)
+    elif (enum_member := _torchvision_weights(_arch(cfg), cfg.weights)) is not None:
+        arch = _arch(cfg)
+        min_size, max_size = _sizes(cfg)
         try:
-            model = builder(weights=enum_member, progress=False, **kwargs)
+            model = _BUILDERS[arch](
+                weights=enum_member, progress=False, min_size=min_size, max_size=max_size, **kwargs
+            )
         except (OSError, RuntimeError) as exc:  # URLError is an OSError
             raise WeightsError(
                 f"could not fetch torchvision weights {enum_member} from {enum_member.url}: "
                 f"{exc}. Without internet access, copy that file to storage you can reach "
                 "and pass its path or URI as the weights."
             ) from exc
+        categories = tuple(enum_member.meta["categories"])
         info = WeightsInfo(
-            "torchvision", str(enum_member), None, tuple(enum_member.meta["categories"])
+            "torchvision", str(enum_member), None, categories, arch, min_size, max_size
         )
     else:
-        checkpoint = load_checkpoint(cfg.weights, expected_sha256=cfg.weights_sha256)
-        if checkpoint.arch is not None and checkpoint.arch != cfg.arch:
-            raise WeightsError(
-                f"checkpoint {redact(cfg.weights)} was saved for arch {checkpoint.arch!r}, "
-                f"not {cfg.arch!r}"
-            )
+        checkpoint = load_checkpoint(_source(cfg.weights), expected_sha256=cfg.weights_sha256)
+        arch = _arch(cfg, checkpoint.arch)
+        min_size, max_size = _sizes(cfg, checkpoint.transform)
         num_classes = _num_classes(checkpoint.state_dict, cfg.weights)
         names = checkpoint.categories
         if cfg.categories is not None:
             names = load_categories(cfg.categories)
         categories = _category_names(names, num_classes, cfg.weights)
-        model = builder(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
-        _load_state_dict(model, checkpoint.state_dict, cfg)
-        if cfg.arch == "maskrcnn_resnet50_fpn" and checkpoint.sha256.startswith(
+        model = _BUILDERS[arch](
+            weights=None,
+            weights_backbone=None,
+            num_classes=num_classes,
+            min_size=min_size,
+            max_size=max_size,
+            **kwargs,
+        )
+        _load_state_dict(model, checkpoint.state_dict, cfg.weights, arch)
+        if arch == "maskrcnn_resnet50_fpn" and checkpoint.sha256.startswith(
             _TORCHVISION_V1_COCO_SHA256_PREFIX
         ):
             _zero_batchnorm_eps(model)
-        info = WeightsInfo("checkpoint", redact(cfg.weights), checkpoint.sha256, categories)
+        info = WeightsInfo(
+            "checkpoint",
+            _shown(cfg.weights),
+            checkpoint.sha256,
+            categories,
+            arch,
+            min_size,
+            max_size,
+        )
     model.eval()
     return model, info
 
 
-def fingerprint_weights(cfg: ModelConfig) -> dict[str, str | None]:
-    """Identify the weights without building the model: for a run record, and to fail fast
-    (unknown name, missing checkpoint, wrong pin) before any cluster work starts."""
+def fingerprint_weights(cfg: ModelConfig) -> dict[str, Any]:
+    """Identify the weights and what they build without building the model: for a run
+    record, and to fail fast (unknown name, missing or unreadable checkpoint, wrong pin, arch
+    mismatch) before any cluster work starts."""
     if cfg.weights.lower() == "none":
-        return {"kind": "none", "name": "none", "sha256": None}
-    member = _torchvision_weights(cfg.arch, cfg.weights)
+        min_size, max_size = _sizes(cfg)
+        return {
+            "kind": "none",
+            "name": "none",
+            "sha256": None,
+            "arch": _arch(cfg),
+            "min_size": min_size,
+            "max_size": max_size,
+        }
+    member = _torchvision_weights(_arch(cfg), cfg.weights)
     if member is not None:
-        return {"kind": "torchvision", "name": str(member), "url": member.url, "sha256": None}
-    digest = hashlib.sha256()
-    try:
-        with fsspec.open(cfg.weights, "rb") as f:
-            while chunk := f.read(1 << 22):
-                digest.update(chunk)
-    except FileNotFoundError as exc:
-        raise WeightsError(f"checkpoint not found: {redact(cfg.weights)}") from exc
-    _check_pin(cfg.weights, digest.hexdigest(), cfg.weights_sha256)
-    return {"kind": "checkpoint", "name": redact(cfg.weights), "sha256": digest.hexdigest()}
+        min_size, max_size = _sizes(cfg)
+        return {
+            "kind": "torchvision",
+            "name": str(member),
+            "url": member.url,
+            "sha256": None,
+            "arch": _arch(cfg),
+            "min_size": min_size,
+            "max_size": max_size,
+        }
+    checkpoint = load_checkpoint(_source(cfg.weights), expected_sha256=cfg.weights_sha256)
+    min_size, max_size = _sizes(cfg, checkpoint.transform)
+    return {
+        "kind": "checkpoint",
+        "name": _shown(cfg.weights),
+        "sha256": checkpoint.sha256,
+        "arch": _arch(cfg, checkpoint.arch),
+        "min_size": min_size,
+        "max_size": max_size,
+    }
 
 
 def _check_pin(uri: str, digest: str, expected: str | None) -> None:
@@ -162,6 +247,7 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]
     categories: list[str] | None
     arch: str | None
+    transform: dict[str, int] | None  # the min_size / max_size it was trained at
     sha256: str
 
 
@@ -170,7 +256,7 @@ def load_checkpoint(uri: str, *, expected_sha256: str | None = None) -> Checkpoi
 
     Accepted layouts: a bare state dict, or a dict with the state dict under ``model`` (or
     ``state_dict``) and optionally ``categories`` (list of names, index = label id) and
-    ``arch`` (one of the builder names).
+    ``arch`` (one of the builder names) and ``transform`` (``{"min_size", "max_size"}``).
     """
     shown = redact(uri)
     try:
@@ -199,10 +285,21 @@ def load_checkpoint(uri: str, *, expected_sha256: str | None = None) -> Checkpoi
         raise WeightsError(f"checkpoint {shown} holds no state dict of tensors")
     categories = obj.get("categories") if state is not obj else None
     arch = obj.get("arch") if state is not obj else None
+    if arch is not None and arch not in _BUILDERS:
+        raise WeightsError(
+            f"checkpoint {shown} records arch {arch!r}, which is none of {', '.join(_BUILDERS)}"
+        )
+    transform = obj.get("transform") if state is not obj else None
+    if transform is not None and not (
+        isinstance(transform, Mapping)
+        and all(isinstance(transform.get(k, 1), int) for k in ("min_size", "max_size"))
+    ):
+        raise WeightsError(f"checkpoint {shown} has a malformed transform entry: {transform!r}")
     return Checkpoint(
         state_dict=dict(state),
         categories=[str(c) for c in categories] if categories is not None else None,
         arch=str(arch) if arch is not None else None,
+        transform=dict(transform) if transform is not None else None,
         sha256=digest,
     )
 
@@ -232,9 +329,20 @@ def load_categories(uri: str) -> list[str]:
 def _torchvision_weights(arch: str, weights: str) -> Any:
     """The torchvision weights enum member that ``weights`` names for ``arch``, or None if it
     names none (then it is a checkpoint URI, or ``none``)."""
-    if "/" in weights or weights.endswith((".pt", ".pth", ".bin", ".ckpt")):
+    if (
+        "/" in weights
+        or weights.endswith((".pt", ".pth", ".bin", ".ckpt"))
+        or weights in SHIPPED_WEIGHTS
+    ):
         return None
-    enum = _WEIGHTS_ENUMS[arch]
+    enum = _WEIGHTS_ENUMS.get(arch)
+    if enum is None:
+        if re.fullmatch(r"[A-Z][A-Z0-9_]*", weights):
+            raise WeightsError(
+                f"{arch} has no torchvision weights; give a checkpoint path or URI, "
+                f"{' or '.join(SHIPPED_WEIGHTS)}, or 'none'"
+            )
+        return None
     member_name = weights.split(".", 1)[1] if weights.startswith(enum.__name__ + ".") else weights
     if member_name in enum.__members__:
         return enum[member_name]
@@ -276,20 +384,20 @@ def _category_names(names: Sequence[str] | None, num_classes: int, uri: str) -> 
     return tuple(names)
 
 
-def _load_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> None:
+def _load_state_dict(
+    model: nn.Module, state: Mapping[str, torch.Tensor], weights: str, arch: str
+) -> None:
     """Strict load, except for BatchNorm's ``num_batches_tracked`` counters, which torchvision's
     trained models (frozen batch norm) don't have and freshly built ones do."""
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatch
-        raise WeightsError(
-            f"checkpoint {redact(cfg.weights)} does not fit {cfg.arch}: {exc}"
-        ) from exc
+        raise WeightsError(f"checkpoint {_shown(weights)} does not fit {arch}: {exc}") from exc
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     unexpected = [k for k in result.unexpected_keys if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         raise WeightsError(
-            f"checkpoint {redact(cfg.weights)} does not fit {cfg.arch}: "
+            f"checkpoint {_shown(weights)} does not fit {arch}: "
             f"{len(missing)} missing keys (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
         )
@@ -313,7 +421,7 @@ class Segmenter:
         self.categories = self.weights.categories
         log.info(
             "loaded %s (%s weights %s) on %s in %.1f s",
-            cfg.arch,
+            self.weights.arch,
             self.weights.kind,
             self.weights.name,
             self.device,

@@ -42,7 +42,7 @@ from segpipe.config import RunConfig
 from segpipe.inputs import check_manifest, list_images, manifest_format, prepare_manifest_batch
 from segpipe.inputs import write_listing as write_listing_shards
 from segpipe.io import absolute, redact
-from segpipe.model import fingerprint_weights
+from segpipe.model import SHIPPED_WEIGHTS, fingerprint_weights
 from segpipe.record import now, public_config, record_uri, versions, write_record
 from segpipe.stages import Segment, load_batch
 from segpipe.writer import IMAGES_DIR, INSTANCES_DIR, WriteCounts, arrow_filesystem, write_rows
@@ -208,7 +208,7 @@ def _read_uris(cfg: RunConfig) -> Dataset:
 def _resolved(cfg: RunConfig) -> RunConfig:
     """Fill in the run id and make local paths absolute (workers may run elsewhere)."""
     model = cfg.model
-    if os.path.exists(model.weights):
+    if model.weights not in SHIPPED_WEIGHTS and os.path.exists(model.weights):
         model = replace(model, weights=absolute(model.weights))
     if model.categories is not None:
         model = replace(model, categories=absolute(model.categories))

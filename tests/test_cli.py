@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +77,10 @@ def test_demo_runs_end_to_end() -> None:
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     out = result.stdout
-    assert "RANDOM weights" in out
     assert "run demo: 4 images (3 ok, 1 error)" in out
     assert "not_an_image" in out and "objects per class" in out
+    # The quality report: the standard COCO numbers for boxes and masks, from pycocotools.
+    assert re.search(r"^bbox(\s+-?[01]\.\d{3}){6}$", out, re.M), out[-1500:]
+    assert re.search(r"^segm(\s+-?[01]\.\d{3}){6}$", out, re.M), out[-1500:]
+    ap50 = float(re.search(r"mask AP@0\.5 = ([01]\.\d{3})", out).group(1))  # type: ignore[union-attr]
+    assert ap50 >= 0.5

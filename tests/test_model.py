@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import fsspec
@@ -164,8 +165,14 @@ def test_custom_classes_with_names_in_the_checkpoint(tmp_path: Path) -> None:
     _, info = build_model(ModelConfig(weights=str(path), **SMALL))
     assert info.categories == ("__background__", "circle", "square", "triangle")
 
-    torch.save({"model": state, "arch": "maskrcnn_resnet50_fpn_v2"}, tmp_path / "v2.pt")
+    v2 = {"model": state, "arch": "maskrcnn_resnet50_fpn_v2", "categories": names}
+    torch.save(v2, tmp_path / "v2.pt")
     with pytest.raises(WeightsError, match="saved for arch 'maskrcnn_resnet50_fpn_v2'"):
+        build_model(
+            ModelConfig(arch="maskrcnn_resnet50_fpn", weights=str(tmp_path / "v2.pt"), **SMALL)
+        )
+    # arch=auto follows the checkpoint's record, which here lies about the state dict.
+    with pytest.raises(WeightsError, match="does not fit maskrcnn_resnet50_fpn_v2"):
         build_model(ModelConfig(weights=str(tmp_path / "v2.pt"), **SMALL))
 
 
@@ -237,7 +244,10 @@ def test_settings_reach_the_model() -> None:
 def test_defaults_equal_torchvision() -> None:
     cfg = ModelConfig()
     tv = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
-    assert (cfg.min_size,) == tv.transform.min_size and cfg.max_size == tv.transform.max_size
+    model, info = build_model(replace(cfg, weights="none"))
+    assert info.arch == "maskrcnn_resnet50_fpn"
+    assert model.transform.min_size == tv.transform.min_size == (info.min_size,)
+    assert model.transform.max_size == tv.transform.max_size == info.max_size
     assert cfg.score_threshold == tv.roi_heads.score_thresh
     assert cfg.max_detections == tv.roi_heads.detections_per_img
     assert cfg.mask_threshold == 0.5

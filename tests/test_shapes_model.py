@@ -1,0 +1,157 @@
+"""The shipped shapes model against the generator's ground truth, through the whole job.
+
+Held-out images (seed 1; the model was trained on seed 0) are written as PNG files, run
+through ``segpipe run --weights shapes`` on an embedded Ray, read back from Parquet with
+DuckDB and scored with pycocotools, and one image is checked shape by shape.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from segpipe.cli import main
+from segpipe.config import ModelConfig, RunConfig
+from segpipe.encode import decode_mask
+from segpipe.evaluation import evaluate, format_metrics, predictions
+from segpipe.model import Segmenter, WeightsError, build_model, fingerprint_weights
+from segpipe.pipeline import _resolved
+from segpipe.query import connect
+from segpipe.record import read_record
+from segpipe.shapes import CATEGORIES, generate_image, write_dataset
+from segpipe.tiny import ARCH
+
+HELD_OUT_SEED = 1
+HELD_OUT_IMAGES = 40
+CHECKPOINT = Path(__file__).parents[1] / "segpipe" / "weights" / "shapes.pt"
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def held_out_run(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("shapes")
+    gt = write_dataset(str(root / "images"), seed=HELD_OUT_SEED, count=HELD_OUT_IMAGES)
+    output = root / "out"
+    args = ["run", "--input", str(root / "images"), "--output", str(output)]
+    assert main([*args, "--weights", "shapes", "--run-id", "held-out", "--device", "cpu"]) == 0
+    return {"gt": gt, "output": str(output), "images": root / "images"}
+
+
+def test_held_out_coco_ap(held_out_run: dict[str, Any]) -> None:
+    gt = held_out_run["gt"]
+    con = connect(held_out_run["output"])
+    statuses = con.execute("SELECT status, count(*) FROM images GROUP BY ALL").fetchall()
+    assert statuses == [("ok", HELD_OUT_IMAGES)]
+    found = predictions(con, gt, run_id="held-out")
+    con.close()
+    assert found.images_matched == HELD_OUT_IMAGES and found.images_unmatched == 0
+    assert not found.unknown_labels
+    metrics = evaluate(gt, found.results)
+    print("\n" + format_metrics(metrics))
+    assert metrics["segm"]["AP50"] >= 0.7
+    assert metrics["bbox"]["AP50"] >= 0.7
+
+
+def test_one_image_by_hand(held_out_run: dict[str, Any]) -> None:
+    """Image 0 of the held-out seed: every shape found, right class, mask IoU >= 0.8."""
+    image = generate_image(HELD_OUT_SEED, 0)
+    assert len(image.shapes) >= 3, "pick an image with several shapes"
+    uri = (held_out_run["images"] / image.file_name).as_uri()
+    con = connect(held_out_run["output"])
+    rows = con.execute(
+        "SELECT label, score, mask_rle, image_height, image_width FROM instances "
+        "WHERE uri = ? AND score >= 0.5 ORDER BY instance_id",
+        [uri],
+    ).fetchall()
+    con.close()
+    height, width = image.pixels.shape[:2]
+    detections = [(label, decode_mask(rle, h, w).astype(bool)) for label, _, rle, h, w in rows]
+    assert all(m.shape == (height, width) for _, m in detections)
+    for shape in image.shapes:
+        ious = [_iou(shape.mask, mask) for _, mask in detections]
+        best = int(np.argmax(ious))
+        assert detections[best][0] == shape.category, (shape.category, detections[best][0])
+        assert ious[best] >= 0.8, f"{shape.category}: IoU {ious[best]:.3f}"
+    # ... and nothing confident that is not there.
+    assert len(detections) == len(image.shapes)
+
+
+def test_shapes_weights_select_arch_categories_and_sizes() -> None:
+    info = fingerprint_weights(ModelConfig(weights="shapes"))
+    assert info["arch"] == ARCH and info["name"] == "shapes"
+    assert (info["min_size"], info["max_size"]) == (256, 448)
+    _, built = build_model(ModelConfig(weights="shapes"))
+    assert built.categories == ("__background__", *CATEGORIES)
+    assert built.sha256 == info["sha256"]
+    with pytest.raises(WeightsError, match="saved for arch 'maskrcnn_tiny_fpn'"):
+        fingerprint_weights(ModelConfig(arch="maskrcnn_resnet50_fpn", weights="shapes"))
+    with pytest.raises(WeightsError, match="has no torchvision weights"):
+        fingerprint_weights(ModelConfig(arch=ARCH, weights="DEFAULT"))
+
+
+def test_the_name_shapes_wins_over_a_local_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dataset folder called ``shapes`` in the working directory must not shadow the
+    shipped weights (``./shapes`` names the folder)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shapes").mkdir()
+    cfg = RunConfig(
+        output=str(tmp_path / "out"), inputs=("shapes",), model=ModelConfig(weights="shapes")
+    )
+    assert _resolved(cfg).model.weights == "shapes"
+    assert fingerprint_weights(_resolved(cfg).model)["arch"] == ARCH
+
+
+def test_shipped_checkpoint_is_small_and_an_ordinary_checkpoint() -> None:
+    assert CHECKPOINT.stat().st_size <= 10 * 1024**2
+    raw = torch.load(io.BytesIO(CHECKPOINT.read_bytes()), weights_only=True)
+    assert raw["arch"] == ARCH and raw["categories"][1:] == list(CATEGORIES)
+    image = generate_image(HELD_OUT_SEED, 1).pixels
+    by_name = Segmenter(ModelConfig(weights="shapes", device="cpu"))
+    by_path = Segmenter(ModelConfig(weights=str(CHECKPOINT), device="cpu"))
+    assert by_path.weights.arch == ARCH and by_path.categories == by_name.categories
+    (a,), (b,) = by_name([image]), by_path([image])
+    assert len(a) > 0 and np.array_equal(a.scores, b.scores) and np.array_equal(a.masks, b.masks)
+
+
+def test_run_record_names_the_shipped_weights(held_out_run: dict[str, Any]) -> None:
+    record = read_record(held_out_run["output"], "held-out")
+    assert record["weights"]["name"] == "shapes" and record["weights"]["arch"] == ARCH
+    digest = record["weights"]["sha256"]
+    assert digest == fingerprint_weights(ModelConfig(weights="shapes"))["sha256"]
+
+
+def test_training_is_deterministic(tmp_path: Path) -> None:
+    """Two short trainings with the same seed give the same bytes; the checkpoint loads."""
+    train = _load_job("train_shapes")
+    cfg = train.TrainConfig(steps=3, batch_size=2, warmup_steps=1, threads=2)
+    first = train.save(train.train(cfg, log_every=0), tmp_path / "a.pt")
+    second = train.save(train.train(cfg, log_every=0), tmp_path / "b.pt")
+    assert first == second
+    other = train.save(train.train(replace(cfg, seed=5), log_every=0), tmp_path / "c.pt")
+    assert other != first
+    _, info = build_model(ModelConfig(weights=str(tmp_path / "a.pt")))
+    assert info.arch == ARCH and info.categories[1:] == CATEGORIES
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def _load_job(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, ROOT / "jobs" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
