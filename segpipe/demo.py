@@ -78,7 +78,7 @@ def run_demo(images: int = 24) -> int:
         metrics = evaluate(gt, found.results)
         print(
             f"quality against the generator's ground truth ({found.images_matched} annotated "
-            "images, pycocotools COCOeval):"
+            f"images, {len(gt['annotations'])} shapes; pycocotools COCOeval):"
         )
         print(format_metrics(metrics))
         print(
