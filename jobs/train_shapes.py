@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from segpipe.config import ModelConfig
-from segpipe.evaluation import detection_results, evaluate, format_metrics
+from segpipe.evaluation import CocoMetrics, detection_results, evaluate, format_metrics
 from segpipe.model import Segmenter
 from segpipe.shapes import (
     CATEGORIES,
@@ -151,7 +151,7 @@ def save(checkpoint: dict[str, Any], out: Path) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def evaluate_checkpoint(path: Path, seed: int, count: int) -> dict[str, dict[str, float]]:
+def evaluate_checkpoint(path: Path, seed: int, count: int) -> CocoMetrics:
     """COCO metrics of the checkpoint on ``count`` images of seed ``seed``, through the same
     model loading and mask encoding as ``segpipe run`` (without Ray, decoding or Parquet)."""
     segmenter = Segmenter(ModelConfig(weights=str(path), device="cpu"))

@@ -9,6 +9,7 @@ segpipe demo
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import tomllib
@@ -112,6 +113,24 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("sql", help="SQL over the views `images` and `instances`")
     query.add_argument("--format", choices=("table", "csv", "json"), default="table")
 
+    ev = sub.add_parser("eval", help="COCO box and mask AP of a run against annotations")
+    ev.add_argument("--output", required=True, metavar="URI")
+    ev.add_argument("--annotations", required=True, metavar="URI", help="COCO instances JSON")
+    ev.add_argument("--run-id", help="the run to evaluate (default: the output's only run)")
+    ev.add_argument(
+        "--image-id-column",
+        metavar="COL",
+        help="images column holding the COCO image id (default: match by file name)",
+    )
+
+    export = sub.add_parser("export", help="a run as COCO results (and dataset) JSON")
+    export.add_argument("--output", required=True, metavar="URI")
+    export.add_argument("--format", choices=("coco",), default="coco")
+    export.add_argument("--to", required=True, metavar="URI", help="COCO results JSON to write")
+    export.add_argument("--dataset", metavar="URI", help="also write a COCO dataset JSON here")
+    export.add_argument("--run-id", help="the run to export (default: the output's only run)")
+    export.add_argument("--min-score", type=float, default=0.0, help="leave out weaker ones")
+
     demo = sub.add_parser("demo", help="the whole job on generated images in a local S3")
     demo.add_argument("--images", type=int, default=24, help="how many images to generate")
     return parser
@@ -129,6 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_command(args)
         if args.command == "query":
             return query_command(args.output, args.sql, args.format)
+        if args.command == "eval":
+            return eval_command(args)
+        if args.command == "export":
+            return export_command(args)
         from segpipe.demo import run_demo
 
         return run_demo(args.images)
@@ -204,10 +227,73 @@ def query_command(output: str, sql: str, fmt: str) -> int:
 
             pacsv.write_csv(frame, sys.stdout.buffer)
         else:
-            import json
-
             for row in frame.to_pylist():
                 print(json.dumps(row, default=str))
+    return 0
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from segpipe.evaluation import evaluate, pick_run, predictions
+    from segpipe.io import read_bytes, redact, sha256_hex
+    from segpipe.query import connect
+    from segpipe.record import metrics_uri, now, write_json
+
+    raw = read_bytes(args.annotations)
+    try:
+        gt = json.loads(raw)
+        if not all(k in gt for k in ("images", "annotations", "categories")):
+            raise ValueError("needs images, annotations and categories")
+    except ValueError as exc:
+        raise ValueError(f"{redact(args.annotations)} is not a COCO instances file: {exc}") from exc
+    con = connect(args.output)
+    run_id = pick_run(con, args.run_id)
+    found = predictions(con, gt, run_id, args.image_id_column)
+    con.close()
+    metrics = evaluate(gt, found.results)
+    print(
+        f"run {run_id}: {found.images_matched} images matched to {len(gt['images'])} annotated "
+        f"images ({found.images_unmatched} unannotated), {len(found.results)} predictions"
+    )
+    if found.unknown_labels:
+        print(f"left out, labels not in the annotations: {found.unknown_labels}")
+    for iou_type, table in metrics.tables.items():
+        print(f"\n{iou_type}:\n{table}")
+    target = metrics_uri(args.output, run_id)
+    write_json(
+        target,
+        {
+            "run_id": run_id,
+            "annotations": redact(args.annotations),
+            "annotations_sha256": sha256_hex(raw),
+            "matched_by": args.image_id_column or "file_name",
+            "images_matched": found.images_matched,
+            "images_unmatched": found.images_unmatched,
+            "annotated_images": len(gt["images"]),
+            "predictions": len(found.results),
+            "unknown_labels": found.unknown_labels,
+            "evaluated_at": now(),
+            **metrics.as_json(),
+        },
+    )
+    print(f"\nmetrics written to {redact(target)}")
+    return 0
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from segpipe.evaluation import pick_run
+    from segpipe.export import export_coco
+    from segpipe.io import redact
+    from segpipe.query import connect
+
+    con = connect(args.output)
+    run_id = pick_run(con, args.run_id)
+    counts = export_coco(con, run_id, args.to, args.dataset, args.min_score)
+    con.close()
+    print(
+        f"run {run_id}: {counts.results} COCO results over {counts.categories} categories "
+        f"-> {redact(args.to)}"
+        + (f"; {counts.images} images -> {redact(args.dataset)}" if args.dataset else "")
+    )
     return 0
 
 

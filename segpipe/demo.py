@@ -82,7 +82,7 @@ def run_demo(images: int = 24) -> int:
         )
         print(format_metrics(metrics))
         print(
-            f"mask AP@0.5 = {metrics['segm']['AP50']:.3f}, box AP@0.5 = "
-            f"{metrics['bbox']['AP50']:.3f}"
+            f"mask AP@0.5 = {metrics.stats['segm']['AP50']:.3f}, box AP@0.5 = "
+            f"{metrics.stats['bbox']['AP50']:.3f}"
         )
     return 0

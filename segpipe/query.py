@@ -7,6 +7,9 @@ credentials and endpoint settings (``AWS_ENDPOINT_URL``, profiles, roles) apply 
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from typing import Any
+
 import duckdb
 import fsspec
 
@@ -34,3 +37,12 @@ def connect(output: str) -> duckdb.DuckDBPyConnection:
             "hive_partitioning=true, hive_types_autocast=false, union_by_name=true)"
         )
     return con
+
+
+def iter_rows(
+    con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] = ()
+) -> Iterator[tuple[Any, ...]]:
+    """The rows of a query, fetched 10,000 at a time rather than all at once."""
+    cursor = con.execute(sql, list(params))
+    while chunk := cursor.fetchmany(10_000):
+        yield from chunk

@@ -26,6 +26,11 @@ def record_uri(output: str, run_id: str) -> str:
     return f"{output.rstrip('/')}/{RUNS_DIR}/{run_id}.json"
 
 
+def metrics_uri(output: str, run_id: str) -> str:
+    """Where ``segpipe eval`` writes a run's COCO metrics: beside its run record."""
+    return f"{output.rstrip('/')}/{RUNS_DIR}/{run_id}.metrics.json"
+
+
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version()}
     for name in _PACKAGES:
@@ -53,8 +58,12 @@ def now() -> str:
 
 
 def write_record(output: str, run_id: str, record: dict[str, Any]) -> None:
-    with fsspec.open(record_uri(output, run_id), "w") as f:
-        json.dump(record, f, indent=2, sort_keys=True, default=str)
+    write_json(record_uri(output, run_id), record)
+
+
+def write_json(uri: str, data: dict[str, Any]) -> None:
+    with fsspec.open(uri, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True, default=str)
         f.write("\n")
 
 

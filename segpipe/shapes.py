@@ -27,6 +27,7 @@ import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -148,7 +149,7 @@ def coco_annotation_entries(
     return entries
 
 
-def write_dataset(destination: str, seed: int, count: int, start: int = 0) -> dict[str, object]:
+def write_dataset(destination: str, seed: int, count: int, start: int = 0) -> dict[str, Any]:
     """Write images ``start .. start+count-1`` of seed ``seed`` as PNGs under ``destination``
     (a folder or any fsspec URI) plus ``annotations.json`` (COCO instances) beside them.
     Returns the annotations. Images are written one by one; only the annotations stay in
@@ -161,7 +162,7 @@ def write_dataset(destination: str, seed: int, count: int, start: int = 0) -> di
         fs.pipe_file(f"{root}/{image.file_name}", image.png())
         images.append(coco_image_entry(image, image_id))
         annotations.extend(coco_annotation_entries(image, image_id, len(annotations) + 1))
-    coco: dict[str, object] = {
+    coco: dict[str, Any] = {
         "images": images,
         "annotations": annotations,
         "categories": coco_categories(),

@@ -56,8 +56,8 @@ def test_held_out_coco_ap(held_out_run: dict[str, Any]) -> None:
     assert not found.unknown_labels
     metrics = evaluate(gt, found.results)
     print("\n" + format_metrics(metrics))
-    assert metrics["segm"]["AP50"] >= 0.7
-    assert metrics["bbox"]["AP50"] >= 0.7
+    assert metrics.stats["segm"]["AP50"] >= 0.7
+    assert metrics.stats["bbox"]["AP50"] >= 0.7
 
 
 def test_one_image_by_hand(held_out_run: dict[str, Any]) -> None:
