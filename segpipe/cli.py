@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--run-id", help="the run to export (default: the output's only run)")
     export.add_argument("--min-score", type=float, default=0.0, help="leave out weaker ones")
 
+    ddl = sub.add_parser("ddl", help="CREATE TABLE for an output in another SQL engine")
+    ddl.add_argument("--engine", required=True, choices=("athena", "trino", "bigquery", "spark"))
+    ddl.add_argument("--location", required=True, metavar="URI", help="the output's URI")
+    ddl.add_argument("--table", choices=("images", "instances"), help="default: both")
+    ddl.add_argument("--partition-by", type=_csv, default=("run_id",), help="as in the run")
+
     demo = sub.add_parser("demo", help="the whole job on generated images in a local S3")
     demo.add_argument("--images", type=int, default=24, help="how many images to generate")
     return parser
@@ -152,6 +158,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return eval_command(args)
         if args.command == "export":
             return export_command(args)
+        if args.command == "ddl":
+            from segpipe.engines import ddl
+
+            for table in [args.table] if args.table else ["images", "instances"]:
+                partition_by = () if args.partition_by == ("none",) else args.partition_by
+                print(ddl(args.engine, table, args.location, partition_by))
+            return 0
         from segpipe.demo import run_demo
 
         return run_demo(args.images)

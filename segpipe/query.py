@@ -3,6 +3,11 @@
 DuckDB's own ``httpfs`` extension is downloaded on first use, which machines without internet
 can't do; segpipe registers the output's fsspec filesystem with DuckDB instead, so the same
 credentials and endpoint settings (``AWS_ENDPOINT_URL``, profiles, roles) apply as for the job.
+
+The connection also has two macros (the same expressions work in any engine):
+``box_area(box_x0, box_y0, box_x1, box_y1)`` = ``(box_x1 - box_x0) * (box_y1 - box_y0)``
+and ``image_fraction(mask_area, image_width, image_height)`` = the share of the image the
+mask covers. :func:`masks` turns a query result into binary masks.
 """
 
 from __future__ import annotations
@@ -12,8 +17,17 @@ from typing import Any
 
 import duckdb
 import fsspec
+import numpy as np
+import pyarrow as pa
 
+from segpipe.encode import decode_mask
 from segpipe.writer import IMAGES_DIR, INSTANCES_DIR
+
+MACROS = (
+    "CREATE OR REPLACE MACRO box_area(x0, y0, x1, y1) AS (x1 - x0) * (y1 - y0)",
+    "CREATE OR REPLACE MACRO image_fraction(area, width, height) AS "
+    "area / (CAST(width AS BIGINT) * height)",
+)
 
 
 def connect(output: str) -> duckdb.DuckDBPyConnection:
@@ -36,7 +50,30 @@ def connect(output: str) -> duckdb.DuckDBPyConnection:
             f"CREATE VIEW {view} AS SELECT * FROM read_parquet('{pattern}', "
             "hive_partitioning=true, hive_types_autocast=false, union_by_name=true)"
         )
+    for macro in MACROS:
+        con.execute(macro)
     return con
+
+
+def masks(result: Any) -> Iterator[np.ndarray]:
+    """The binary masks (bool ``(image_height, image_width)``) of a query result's rows, in
+    order. ``result`` needs the columns ``mask_rle``, ``image_height`` and ``image_width``
+    and may be a DuckDB relation, an Arrow table or record batch reader, or an iterable of
+    dicts. Decodes one row at a time, so a large result never sits in memory as masks."""
+    if isinstance(result, duckdb.DuckDBPyRelation):
+        result = result.to_arrow_reader()
+    if isinstance(result, pa.Table | pa.RecordBatchReader):
+        batches = result.to_batches() if isinstance(result, pa.Table) else result
+        for batch in batches:
+            for row in batch.select(["mask_rle", "image_height", "image_width"]).to_pylist():
+                yield _mask(row)
+        return
+    for row in result:
+        yield _mask(row)
+
+
+def _mask(row: Any) -> np.ndarray:
+    return decode_mask(row["mask_rle"], int(row["image_height"]), int(row["image_width"])) > 0
 
 
 def iter_rows(

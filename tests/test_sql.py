@@ -1,0 +1,158 @@
+"""The output in SQL engines: DuckDB and Spark SQL give the same answers to the README's
+queries, both prune partitions, and the DDL for other engines follows the schema."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pytest
+
+from segpipe.cli import main
+from segpipe.encode import decode_mask
+from segpipe.engines import ENGINES, SCHEMAS, ddl, spark_views
+from segpipe.query import connect, masks
+from tests.outputs import RUNS, coco_like_output
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def readme_queries() -> list[str]:
+    text = README.read_text()
+    section = text.split("\n## Queries\n", 1)[1].split("\n### Masks and areas\n", 1)[0]
+    return [q.strip() for q in re.findall(r"```sql\n(.*?)```", section, re.S)]
+
+
+@pytest.fixture(scope="module")
+def output(tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = str(tmp_path_factory.mktemp("sql") / "out")
+    coco_like_output(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def duck(output: str) -> Iterator[duckdb.DuckDBPyConnection]:
+    con = connect(output)
+    yield con
+    con.close()
+
+
+@pytest.fixture(scope="module")
+def spark(output: str) -> Iterator[Any]:
+    pyspark_sql = pytest.importorskip("pyspark.sql")
+    session = (
+        pyspark_sql.SparkSession.builder.master("local[1]")
+        .appName("segpipe-tests")
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.shuffle.partitions", "2")
+        .config("spark.sql.sources.partitionColumnTypeInference.enabled", "false")
+        .config("spark.driver.bindAddress", "127.0.0.1")
+        .config("spark.driver.host", "127.0.0.1")
+        .getOrCreate()
+    )
+    session.sparkContext.setLogLevel("ERROR")
+    spark_views(session, output)
+    yield session
+    session.stop()
+
+
+def test_the_readme_has_the_queries_users_run() -> None:
+    queries = readme_queries()
+    assert len(queries) >= 9
+    joined = "\n".join(queries)
+    for needle in ("GROUP BY label", "label = 'person'", "percentile_cont", "error_code",
+                   "LEFT JOIN instances", "'r50-fpn-v2'", "label = 'dog'"):  # fmt: skip
+        assert needle in joined
+
+
+@pytest.mark.parametrize("number", range(len(readme_queries())))
+def test_readme_query_agrees_in_duckdb_and_spark(
+    number: int, duck: duckdb.DuckDBPyConnection, spark: Any
+) -> None:
+    sql = readme_queries()[number]
+    ours = duck.execute(sql).fetchall()
+    theirs = [tuple(row) for row in spark.sql(sql).collect()]
+    assert ours, f"query {number} returns nothing on the fixture:\n{sql}"
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs, strict=True):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            if isinstance(x, float) or isinstance(y, float):
+                assert math.isclose(float(x), float(y), rel_tol=1e-6, abs_tol=1e-9), (sql, a, b)
+            else:
+                assert x == y, (sql, a, b)
+
+
+def test_both_engines_prune_partitions(duck: duckdb.DuckDBPyConnection, spark: Any) -> None:
+    sql = f"SELECT count(*) FROM instances WHERE run_id = '{RUNS[0]}'"
+    plan = duck.execute("EXPLAIN ANALYZE " + sql).fetchall()[0][1]
+    assert re.search(r"Total Files Read: 1\b", plan), plan
+    everything = duck.execute("EXPLAIN ANALYZE SELECT count(*) FROM instances").fetchall()[0][1]
+    assert re.search(r"Total Files Read: 2\b", everything)
+
+    frame = spark.sql(sql)
+    assert frame.collect()[0][0] == duck.execute(sql).fetchone()[0]  # type: ignore[index]
+    executed = frame._jdf.queryExecution().executedPlan().toString()
+    assert re.search(rf"PartitionFilters: \[.*\(run_id#\d+ = {RUNS[0]}\)", executed), executed
+
+
+def test_spark_ddl_reads_the_same_rows(
+    output: str, duck: duckdb.DuckDBPyConnection, spark: Any
+) -> None:
+    for table in SCHEMAS:
+        for statement in ddl("spark", table, output, name=f"t_{table}").split(";"):
+            statement = statement.split("--")[0].strip()
+            if statement:
+                spark.sql(statement)
+        count = spark.sql(f"SELECT run_id, count(*) FROM t_{table} GROUP BY run_id ORDER BY 1")
+        expected = duck.execute(f"SELECT run_id, count(*) FROM {table} GROUP BY 1 ORDER BY 1")
+        assert [tuple(r) for r in count.collect()] == expected.fetchall()
+
+
+def test_ddl_follows_the_schema_and_the_readme_shows_it() -> None:
+    readme = README.read_text()
+    for engine in ENGINES:
+        for table, schema in SCHEMAS.items():
+            text = ddl(engine, table, "s3://bucket/segpipe-out")
+            for field in schema:
+                assert re.search(rf"\b{field.name}\b", text), (engine, table, field.name)
+            assert "PARTITION" in text.upper()
+    for engine, location in (("athena", "s3"), ("trino", "s3"), ("bigquery", "gs")):
+        assert ddl(engine, "instances", f"{location}://bucket/segpipe-out") in readme
+    with pytest.raises(ValueError, match="unknown engine"):
+        ddl("mysql", "images", "s3://b/o")
+
+
+def test_ddl_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ddl", "--engine", "trino", "--location", "s3://b/out"]) == 0
+    printed = capsys.readouterr().out
+    assert "hive.segpipe.images" in printed and "hive.segpipe.instances" in printed
+
+
+def test_mask_helper_and_macros(duck: duckdb.DuckDBPyConnection) -> None:
+    sql = (
+        "SELECT uri, mask_rle, image_height, image_width, mask_area, box_x0, box_y0, box_x1, "
+        f"box_y1 FROM instances WHERE run_id = '{RUNS[0]}' ORDER BY score DESC LIMIT 7"
+    )
+    rows = duck.sql(sql).to_arrow_table().to_pylist()
+    from_relation = list(masks(duck.sql(sql)))
+    from_dicts = list(masks(rows))
+    assert len(from_relation) == len(rows) == 7
+    for row, a, b in zip(rows, from_relation, from_dicts, strict=True):
+        assert a.dtype == bool and a.shape == (row["image_height"], row["image_width"])
+        assert np.array_equal(a, b) and a.sum() == row["mask_area"]
+        assert np.array_equal(a, decode_mask(row["mask_rle"], a.shape[0], a.shape[1]) > 0)
+        ys, xs = np.nonzero(a)
+        assert row["box_x0"] <= xs.min() and xs.max() < row["box_x1"]
+        assert row["box_y0"] <= ys.min() and ys.max() < row["box_y1"]
+    check = duck.execute(
+        "SELECT bool_and(box_area(box_x0, box_y0, box_x1, box_y1) = "
+        "(box_x1 - box_x0) * (box_y1 - box_y0)), bool_and(image_fraction(mask_area, "
+        "image_width, image_height) BETWEEN 0 AND 1) FROM instances"
+    ).fetchone()
+    assert check == (True, True)
