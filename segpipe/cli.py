@@ -137,6 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     ddl.add_argument("--table", choices=("images", "instances"), help="default: both")
     ddl.add_argument("--partition-by", type=_csv, default=("run_id",), help="as in the run")
 
+    render = sub.add_parser("render", help="PNG overlays of a sample of images + index.html")
+    render.add_argument("--output", required=True, metavar="URI")
+    render.add_argument("--to", required=True, metavar="DIR", help="folder (or URI) to write")
+    render.add_argument("--run-id", help="the run to draw (default: the output's only run)")
+    render.add_argument(
+        "--where", metavar="SQL", help="predicate over instances columns, e.g. \"label = 'dog'\""
+    )
+    render.add_argument("--limit", type=int, default=50, help="images to draw (default 50)")
+    render.add_argument(
+        "--min-score", type=float, default=0.5, help="without --where: draw these (default 0.5)"
+    )
+
     demo = sub.add_parser("demo", help="the whole job on generated images in a local S3")
     demo.add_argument("--images", type=int, default=24, help="how many images to generate")
     return parser
@@ -158,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return eval_command(args)
         if args.command == "export":
             return export_command(args)
+        if args.command == "render":
+            return render_command(args)
         if args.command == "ddl":
             from segpipe.engines import ddl
 
@@ -246,9 +260,9 @@ def query_command(output: str, sql: str, fmt: str) -> int:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from segpipe.evaluation import evaluate, pick_run, predictions
+    from segpipe.evaluation import evaluate, predictions
     from segpipe.io import read_bytes, redact, sha256_hex
-    from segpipe.query import connect
+    from segpipe.query import connect, pick_run
     from segpipe.record import metrics_uri, now, write_json
 
     raw = read_bytes(args.annotations)
@@ -293,10 +307,9 @@ def eval_command(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from segpipe.evaluation import pick_run
     from segpipe.export import export_coco
     from segpipe.io import redact
-    from segpipe.query import connect
+    from segpipe.query import connect, pick_run
 
     con = connect(args.output)
     run_id = pick_run(con, args.run_id)
@@ -306,6 +319,27 @@ def export_command(args: argparse.Namespace) -> int:
         f"run {run_id}: {counts.results} COCO results over {counts.categories} categories "
         f"-> {redact(args.to)}"
         + (f"; {counts.images} images -> {redact(args.dataset)}" if args.dataset else "")
+    )
+    return 0
+
+
+def render_command(args: argparse.Namespace) -> int:
+    from segpipe.io import redact
+    from segpipe.query import connect, pick_run
+    from segpipe.render import render
+
+    con = connect(args.output)
+    run_id = pick_run(con, args.run_id)
+    drawn = render(
+        con, run_id, args.to, where=args.where, limit=args.limit, min_score=args.min_score
+    )
+    con.close()
+    missing = [d for d in drawn if d.file_name is None]
+    for item in missing:
+        print(f"not drawn: {redact(item.uri)}: {item.problem}", file=sys.stderr)
+    print(
+        f"run {run_id}: {len(drawn) - len(missing)} overlays and index.html -> "
+        f"{redact(args.to)}" + (f" ({len(missing)} images could not be read)" if missing else "")
     )
     return 0
 

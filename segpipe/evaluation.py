@@ -26,7 +26,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from segpipe.encode import Detections, encode_masks
-from segpipe.query import iter_rows
+from segpipe.query import iter_rows, pick_run
 
 # The 12 numbers COCOeval.summarize() prints, in its order.
 STAT_NAMES = (
@@ -64,21 +64,6 @@ class CocoMetrics:
 
     def as_json(self) -> dict[str, Any]:
         return {"stats": self.stats}
-
-
-def pick_run(con: duckdb.DuckDBPyConnection, run_id: str | None) -> str:
-    """The run to read: ``run_id`` if the output holds it, else the output's only run."""
-    runs = [r for (r,) in con.execute("SELECT DISTINCT run_id FROM images ORDER BY 1").fetchall()]
-    if run_id is not None:
-        if run_id not in runs:
-            raise EvaluationError(f"the output holds no run {run_id!r} (runs: {', '.join(runs)})")
-        return run_id
-    if len(runs) != 1:
-        raise EvaluationError(
-            f"the output holds {len(runs)} runs ({', '.join(runs) or 'none'}); pick one with "
-            "--run-id"
-        )
-    return str(runs[0])
 
 
 def predictions(

@@ -76,6 +76,21 @@ def _mask(row: Any) -> np.ndarray:
     return decode_mask(row["mask_rle"], int(row["image_height"]), int(row["image_width"])) > 0
 
 
+def pick_run(con: duckdb.DuckDBPyConnection, run_id: str | None) -> str:
+    """The run to read: ``run_id`` if the output holds it, else the output's only run."""
+    runs = [r for (r,) in con.execute("SELECT DISTINCT run_id FROM images ORDER BY 1").fetchall()]
+    if run_id is not None:
+        if run_id not in runs:
+            raise ValueError(f"the output holds no run {run_id!r} (runs: {', '.join(runs)})")
+        return run_id
+    if len(runs) != 1:
+        raise ValueError(
+            f"the output holds {len(runs)} runs ({', '.join(runs) or 'none'}); pick one with "
+            "--run-id"
+        )
+    return str(runs[0])
+
+
 def iter_rows(
     con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] = ()
 ) -> Iterator[tuple[Any, ...]]:

@@ -4,7 +4,9 @@ queries, both prune partitions, and the DDL for other engines follows the schema
 from __future__ import annotations
 
 import math
+import os
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,10 @@ def duck(output: str) -> Iterator[duckdb.DuckDBPyConnection]:
 
 @pytest.fixture(scope="module")
 def spark(output: str) -> Iterator[Any]:
+    if shutil.which("java") is None:
+        if os.environ.get("SEGPIPE_CI"):
+            pytest.fail("Spark needs Java (17), which CI must have (SEGPIPE_CI is set)")
+        pytest.skip("Spark needs Java 17 on PATH")
     pyspark_sql = pytest.importorskip("pyspark.sql")
     session = (
         pyspark_sql.SparkSession.builder.master("local[1]")

@@ -1,0 +1,215 @@
+"""Pictures of the results: PNG overlays of a sample of images and an HTML gallery.
+
+``render(con, run_id, to, where=..., limit=...)`` picks up to ``limit`` decoded images of the
+run (those with an instance matching ``where``, a SQL predicate over ``instances`` columns,
+when given), ordered by ``image_id`` (a hash of the URI: a stable sample spread over the
+whole run), reads each image again from its URI, and draws its instances scoring at least
+``min_score`` (or matching ``where``): the mask filled half-transparent in its class colour
+and outlined, the box, and ``label score``. Coordinates are those of the decoded, upright
+image, exactly as stored. ``index.html`` shows the overlays with their URIs and the run's
+per-class counts. Only the sampled images are ever in memory, one at a time.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import hashlib
+import html
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import duckdb
+import fsspec
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from segpipe.decode import DecodedImage, decode_image
+from segpipe.encode import decode_mask
+from segpipe.io import read_bytes, redact
+from segpipe.query import iter_rows
+
+
+@dataclass(frozen=True)
+class Rendered:
+    image_id: str
+    uri: str
+    file_name: str | None  # None: the image could not be read again
+    instances: int
+    problem: str | None = None
+
+
+def class_colour(label: str) -> tuple[int, int, int]:
+    """A stable, saturated colour per class name."""
+    hue = int(hashlib.sha256(label.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.85, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def overlay(
+    pixels: np.ndarray,
+    instances: Sequence[tuple[str, float, float, float, float, float, np.ndarray]],
+) -> Image.Image:
+    """Draw ``(label, score, x0, y0, x1, y1, mask)`` instances on an RGB image."""
+    base = Image.fromarray(pixels).convert("RGBA")
+    layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    for label, _, *_, mask in instances:
+        colour = class_colour(label)
+        fill = np.zeros((*mask.shape, 4), dtype=np.uint8)
+        fill[mask] = (*colour, 110)
+        edge = mask & ~_eroded(mask)
+        fill[edge] = (*colour, 255)
+        layer = Image.alpha_composite(layer, Image.fromarray(fill, "RGBA"))
+    image = Image.alpha_composite(base, layer).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    for label, score, x0, y0, x1, y1, _ in instances:
+        colour = class_colour(label)
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=colour, width=2)
+        text = f"{label} {score:.2f}"
+        left, top, right, bottom = draw.textbbox((x0, y0), text, font=font)
+        ty = y0 - (bottom - top) - 2 if y0 >= bottom - top + 2 else y0
+        draw.rectangle((x0, ty, x0 + right - left + 3, ty + bottom - top + 2), fill=colour)
+        draw.text((x0 + 1, ty), text, fill=(0, 0, 0), font=font)
+    return image
+
+
+def render(
+    con: duckdb.DuckDBPyConnection,
+    run_id: str,
+    to: str,
+    *,
+    where: str | None = None,
+    limit: int = 50,
+    min_score: float = 0.5,
+) -> list[Rendered]:
+    """Write ``<to>/<image_id>.png`` overlays and ``<to>/index.html``; returns what was drawn."""
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    condition = f"({where})" if where else "score >= ?"
+    params: list[object] = [run_id] if where else [run_id, min_score]
+    try:
+        picked = con.execute(
+            "SELECT i.image_id, i.uri FROM images i WHERE i.run_id = ? AND i.status = 'ok' "
+            + (
+                "AND i.image_id IN (SELECT image_id FROM instances WHERE run_id = i.run_id "
+                f"AND {condition}) "
+                if where
+                else ""
+            )
+            + "ORDER BY i.image_id LIMIT ?",
+            [run_id, limit],
+        ).fetchall()
+    except duckdb.Error as exc:
+        raise ValueError(f"bad --where {where!r}: {exc}") from exc
+    fs, root = fsspec.core.url_to_fs(to)
+    fs.makedirs(root, exist_ok=True)
+    drawn: list[Rendered] = []
+    for image_id, uri in picked:
+        rows = list(
+            iter_rows(
+                con,
+                "SELECT label, score, box_x0, box_y0, box_x1, box_y1, mask_rle, image_height, "
+                f"image_width FROM instances WHERE run_id = ? AND image_id = ? AND {condition} "
+                "ORDER BY score",
+                [run_id, image_id, *params[1:]],
+            )
+        )
+        try:
+            decoded = decode_image(read_bytes(uri))
+        except Exception as exc:
+            drawn.append(Rendered(image_id, uri, None, len(rows), f"{type(exc).__name__}: {exc}"))
+            continue
+        if not isinstance(decoded, DecodedImage):
+            drawn.append(Rendered(image_id, uri, None, len(rows), decoded.message))
+            continue
+        instances = [
+            (label, float(score), x0, y0, x1, y1, decode_mask(rle, h, w) > 0)
+            for label, score, x0, y0, x1, y1, rle, h, w in rows
+        ]
+        if instances and instances[0][-1].shape != decoded.pixels.shape[:2]:
+            problem = "the image changed since the run: its size differs from the stored one"
+            drawn.append(Rendered(image_id, uri, None, len(rows), problem))
+            continue
+        buf = io.BytesIO()
+        overlay(decoded.pixels, instances).save(buf, format="PNG")
+        fs.pipe_file(f"{root}/{image_id}.png", buf.getvalue())
+        drawn.append(Rendered(image_id, uri, f"{image_id}.png", len(rows)))
+    counts = con.execute(
+        "SELECT label, count(*) AS objects, round(avg(score), 3) FROM instances "
+        f"WHERE run_id = ? AND {condition} GROUP BY label ORDER BY objects DESC, label",
+        params,
+    ).fetchall()
+    page = gallery_html(run_id, drawn, counts, where or f"score >= {min_score}")
+    fs.pipe_file(f"{root}/index.html", page.encode("utf-8"))
+    return drawn
+
+
+def gallery_html(
+    run_id: str,
+    drawn: Sequence[Rendered],
+    counts: Sequence[tuple[str, int, float]],
+    selection: str,
+) -> str:
+    """A self-contained page: per-class counts, then one figure per image. After loading,
+    ``<body data-images-loaded data-images-total>`` say how many overlays the browser
+    decoded (a check for tests and for people opening a copied folder)."""
+    e = html.escape
+    rows = "\n".join(
+        f'<tr><td><span class="swatch" style="background: rgb{class_colour(label)}"></span>'
+        f"{e(label)}</td><td>{n}</td><td>{mean}</td></tr>"
+        for label, n, mean in counts
+    )
+    figures = []
+    for item in drawn:
+        caption = f"{e(redact(item.uri))}<br>{item.instances} instances"
+        if item.file_name is None:
+            figures.append(f'<figure class="missing"><figcaption>{caption}<br>not drawn: '
+                           f"{e(item.problem or '')}</figcaption></figure>")  # fmt: skip
+        else:
+            figures.append(
+                f'<figure><a href="{e(item.file_name)}"><img src="{e(item.file_name)}" '
+                f'alt="{e(item.uri)}" loading="eager"></a><figcaption>{caption}</figcaption>'
+                "</figure>"
+            )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>segpipe run {e(run_id)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1.5em; }}
+table {{ border-collapse: collapse; margin-bottom: 1.5em; }}
+td, th {{ border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }}
+.swatch {{ display: inline-block; width: 0.9em; height: 0.9em; margin-right: 0.4em; }}
+.grid {{ display: flex; flex-wrap: wrap; gap: 1em; }}
+figure {{ margin: 0; max-width: 420px; }}
+figure img {{ max-width: 420px; height: auto; display: block; }}
+figcaption {{ font-size: 0.8em; word-break: break-all; }}
+.missing {{ color: #a00; }}
+</style></head>
+<body data-images-total="{sum(d.file_name is not None for d in drawn)}">
+<h1>segpipe run {e(run_id)}</h1>
+<p>{len(drawn)} images; instances where <code>{e(selection)}</code>.</p>
+<table><tr><th>class</th><th>objects in the run</th><th>mean score</th></tr>
+{rows}
+</table>
+<div class="grid">
+{chr(10).join(figures)}
+</div>
+<script>
+window.addEventListener("load", () => {{
+  const loaded = [...document.images].filter((i) => i.complete && i.naturalWidth > 0);
+  document.body.dataset.imagesLoaded = String(loaded.length);
+}});
+</script>
+</body></html>
+"""
+
+
+def _eroded(mask: np.ndarray) -> np.ndarray:
+    """The mask minus its one-pixel border (4-neighbourhood)."""
+    inner = mask.copy()
+    inner[1:, :] &= mask[:-1, :]
+    inner[:-1, :] &= mask[1:, :]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return inner
