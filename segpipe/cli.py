@@ -14,6 +14,7 @@ import logging
 import sys
 import tomllib
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-score", type=float, default=0.5, help="without --where: draw these (default 0.5)"
     )
 
+    bench = sub.add_parser("bench", help="bare model vs whole pipeline vs non-model stages")
+    from segpipe.benchmark import BenchConfig
+
+    for name, value in asdict(BenchConfig()).items():
+        bench.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    bench.add_argument("--json", metavar="PATH", help="also write the figures as JSON here")
+
     demo = sub.add_parser("demo", help="the whole job on generated images in a local S3")
     demo.add_argument("--images", type=int, default=24, help="how many images to generate")
     return parser
@@ -172,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return export_command(args)
         if args.command == "render":
             return render_command(args)
+        if args.command == "bench":
+            return bench_command(args)
         if args.command == "ddl":
             from segpipe.engines import ddl
 
@@ -341,6 +351,19 @@ def render_command(args: argparse.Namespace) -> int:
         f"run {run_id}: {len(drawn) - len(missing)} overlays and index.html -> "
         f"{redact(args.to)}" + (f" ({len(missing)} images could not be read)" if missing else "")
     )
+    return 0
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    from segpipe.benchmark import BenchConfig, run_benchmark
+
+    cfg = BenchConfig(**{k: getattr(args, k) for k in asdict(BenchConfig())})
+    result = run_benchmark(cfg)
+    print(result.describe())
+    if args.json:
+        with fsspec.open(args.json, "w") as f:
+            json.dump(result.as_json(), f, indent=2)
+            f.write("\n")
     return 0
 
 

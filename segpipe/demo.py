@@ -19,19 +19,12 @@ from segpipe.config import ModelConfig, RunConfig
 from segpipe.evaluation import evaluate, format_metrics, predictions
 from segpipe.pipeline import run
 from segpipe.query import connect
-from segpipe.s3local import moto_server
+from segpipe.s3local import loopback_s3_env
 from segpipe.shapes import write_dataset
 
 log = logging.getLogger(__name__)
 
 BUCKET = "segpipe-demo"
-# Credentials for the throwaway loopback server only; real runs use the provider chain.
-_DEMO_ENV = {
-    "AWS_ACCESS_KEY_ID": "segpipe-demo",
-    "AWS_SECRET_ACCESS_KEY": "segpipe-demo",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-
 SUMMARY_QUERIES = (
     ("images by status", "SELECT status, count(*) AS images FROM images GROUP BY status"),
     ("errors", "SELECT uri, error_code, error FROM images WHERE status = 'error'"),
@@ -50,8 +43,7 @@ DEMO_SEED = 2  # held out: the shipped model was trained on seed 0 and tested on
 def run_demo(images: int = 24) -> int:
     if os.environ.pop("RAY_ADDRESS", None):
         print("segpipe demo: ignoring RAY_ADDRESS; the demo runs an embedded local Ray.")
-    with moto_server() as endpoint:
-        os.environ.update(_DEMO_ENV, AWS_ENDPOINT_URL=endpoint)
+    with loopback_s3_env() as endpoint:
         fs = fsspec.filesystem("s3", skip_instance_cache=True)
         fs.mkdir(BUCKET)
         gt = write_dataset(f"s3://{BUCKET}/images", seed=DEMO_SEED, count=images)

@@ -15,10 +15,11 @@ to about ``images / images_per_file`` per table and partition.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from functools import partial
@@ -243,6 +244,18 @@ def _check_output(cfg: RunConfig, named: bool) -> None:
         fs.makedirs(root, exist_ok=True)
     except Exception as exc:
         raise OutputError(f"cannot create output {redact(cfg.output)}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def ray_runtime() -> Iterator[None]:
+    """Keep one Ray runtime (joined or embedded, as :func:`run` would) across several runs,
+    so that they don't each pay for starting and stopping it (the benchmark uses this)."""
+    started = _init_ray()
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _init_ray() -> bool:

@@ -13,6 +13,33 @@ import time
 import urllib.request
 from collections.abc import Iterator
 
+# Credentials for a throwaway loopback server only; real runs use the provider chain.
+LOOPBACK_ENV = {
+    "AWS_ACCESS_KEY_ID": "segpipe-loopback",
+    "AWS_SECRET_ACCESS_KEY": "segpipe-loopback",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@contextlib.contextmanager
+def loopback_s3_env() -> Iterator[str]:
+    """A moto server, with this process's AWS settings pointing at it while inside (and
+    restored afterwards, so that Ray workers started inside inherit them)."""
+    import os
+
+    keys = [*LOOPBACK_ENV, "AWS_ENDPOINT_URL"]
+    saved = {k: os.environ.get(k) for k in keys}
+    with moto_server() as endpoint:
+        os.environ.update(LOOPBACK_ENV, AWS_ENDPOINT_URL=endpoint)
+        try:
+            yield endpoint
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
 
 def free_port() -> int:
     with socket.socket() as s:

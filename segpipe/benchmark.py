@@ -1,0 +1,338 @@
+"""``segpipe bench``: how close the pipeline gets to the bare model, on the same images.
+
+One run measures, on the same generated JPEGs (``width`` x ``height``):
+
+1. **bare**: the model alone, batched, on tensors decoded beforehand and already on the
+   device (``model(batch)`` only; CUDA synchronised).
+2. **pipeline**: ``segpipe run`` end to end, from the embedded S3 server (moto on loopback)
+   to Parquet on it, Ray start-up included, and again over ``scale`` times more images.
+3. **non-model stages**: decode + encode + write in one process (one CPU core), with a
+   fixed set of ``detections`` full-image masks per image: the ceiling of everything but
+   the model, per core.
+
+The pipeline's fixed costs (Ray Data planning, starting the model actors and loading the
+model in them) don't grow with the input, so the pipeline runs twice in one Ray runtime
+(after an unmeasured warm-up run), over ``images`` and over ``images * scale``: its
+**steady-state** throughput is the marginal rate ``(n2 - n1) / (t2 - t1)``, what a long run
+gets, and ``t1 - n1 / rate`` estimates the fixed start-up. Efficiency = steady-state
+pipeline images/s / bare images/s. End-to-end rates of both runs are reported too. Peak
+memory is sampled every 0.2 s over the driver and every Ray worker process while the
+pipeline runs. Random weights (``none``) with ``score_threshold=0`` give exactly
+``detections`` instances per image, so the mask work is the same in every stage.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import psutil
+
+from segpipe.decode import DecodedImage, decode_image
+from segpipe.encode import Detections
+from segpipe.samples import sample_image
+from segpipe.schema import image_id
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    device: str = "auto"
+    arch: str = "maskrcnn_resnet50_fpn"
+    weights: str = "none"
+    width: int = 640
+    height: int = 480
+    batch_size: int = 1
+    detections: int = 20
+    images: int = 8
+    scale: int = 10  # the scaling run uses images * scale; 1 skips it
+    cpus_per_actor: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("width", "height", "batch_size", "detections", "images", "scale"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class PipelineFigures:
+    images: int
+    seconds: float
+    images_per_s: float
+    driver_peak_rss_mib: float
+    workers_peak_rss_mib: float  # the largest single Ray worker process
+    workers_total_peak_rss_mib: float  # all Ray workers together, at the sampled peak
+
+
+@dataclass
+class BenchResult:
+    device: str
+    config: dict[str, Any]
+    bare_images_per_s: float
+    pipeline_images_per_s: float  # steady state (marginal); end to end if scale == 1
+    pipeline_startup_s: float | None
+    efficiency: float
+    non_model_images_per_s_per_core: float
+    stage_ms_per_image: dict[str, float]
+    peak_rss_mib: float
+    pipeline: list[PipelineFigures] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        lines = [
+            f"device: {self.device}",
+            f"bare model:        {self.bare_images_per_s:8.2f} images/s "
+            f"(batch {self.config['batch_size']}, {self.config['detections']} detections)",
+            f"pipeline:          {self.pipeline_images_per_s:8.2f} images/s steady state "
+            f"-> efficiency {self.efficiency:.2f}"
+            + (
+                f" (fixed start-up about {self.pipeline_startup_s:.0f} s per run)"
+                if self.pipeline_startup_s is not None
+                else ""
+            ),
+            f"non-model stages:  {self.non_model_images_per_s_per_core:8.1f} images/s per core",
+            "per image: "
+            + ", ".join(f"{k} {v:.2f} ms" for k, v in self.stage_ms_per_image.items()),
+            f"peak RSS:          {self.peak_rss_mib:8.0f} MiB (largest process)",
+            "end to end (same Ray runtime):",
+        ]
+        for p in self.pipeline:
+            lines.append(
+                f"  {p.images:6d} images: {p.images_per_s:7.2f} images/s in {p.seconds:6.1f} s, "
+                f"driver peak {p.driver_peak_rss_mib:.0f} MiB, largest worker "
+                f"{p.workers_peak_rss_mib:.0f} MiB, all workers "
+                f"{p.workers_total_peak_rss_mib:.0f} MiB"
+            )
+        return "\n".join(lines)
+
+
+def jpeg_images(cfg: BenchConfig, count: int) -> Iterator[tuple[str, bytes]]:
+    for i in range(count):
+        buf = io.BytesIO()
+        sample_image(i, (cfg.width, cfg.height)).save(buf, format="JPEG", quality=90)
+        yield f"bench_{i:06d}.jpg", buf.getvalue()
+
+
+def fixed_detections(cfg: BenchConfig) -> Detections:
+    """``detections`` rectangles on a grid, each about 1/5 of the image on a side."""
+    n, h, w = cfg.detections, cfg.height, cfg.width
+    masks = np.zeros((n, h, w), dtype=bool)
+    boxes = np.zeros((n, 4), dtype=np.float32)
+    bw, bh = max(1, w // 5), max(1, h // 5)
+    for k in range(n):
+        x0 = (k * 37) % max(1, w - bw)
+        y0 = (k * 53) % max(1, h - bh)
+        masks[k, y0 : y0 + bh, x0 : x0 + bw] = True
+        boxes[k] = (x0, y0, x0 + bw, y0 + bh)
+    return Detections(
+        boxes=boxes,
+        labels=np.ones(n, dtype=np.int64),
+        scores=np.linspace(0.99, 0.5, n).astype(np.float32),
+        masks=masks,
+    )
+
+
+def bench_non_model(cfg: BenchConfig, files: list[tuple[str, bytes]]) -> dict[str, float]:
+    """Decode, encode and write in this process; milliseconds per image for each."""
+    from segpipe.stages import image_rows
+    from segpipe.writer import write_rows
+
+    det = fixed_detections(cfg)
+    categories = ["__background__", "thing"]
+    timings = {"decode": 0.0, "encode": 0.0, "write": 0.0}
+    group = 16
+    with tempfile.TemporaryDirectory() as out:
+        for start in range(0, len(files), group):
+            chunk = files[start : start + group]
+            t0 = time.perf_counter()
+            decoded = [decode_image(data) for _, data in chunk]
+            t1 = time.perf_counter()
+            assert all(isinstance(d, DecodedImage) for d in decoded)
+            uris = [f"s3://bench/{name}" for name, _ in chunk]
+            batch = {
+                "uri": np.array(uris, dtype=object),
+                "image_id": np.array([image_id(u) for u in uris], dtype=object),
+                "width": np.full(len(chunk), cfg.width, dtype=np.int32),
+                "height": np.full(len(chunk), cfg.height, dtype=np.int32),
+                "error_code": np.array([""] * len(chunk), dtype=object),
+                "error": np.array([""] * len(chunk), dtype=object),
+            }
+            rows = image_rows(batch, "bench", dict.fromkeys(range(len(chunk)), det), categories)
+            t2 = time.perf_counter()
+            write_rows(rows, out, partition_by=["run_id"])
+            t3 = time.perf_counter()
+            timings["decode"] += t1 - t0
+            timings["encode"] += t2 - t1
+            timings["write"] += t3 - t2
+    return {k: 1000 * v / len(files) for k, v in timings.items()}
+
+
+def bench_bare(cfg: BenchConfig, files: list[tuple[str, bytes]]) -> tuple[float, str]:
+    """Images per second of the model alone, and the device it ran on."""
+    import torch
+
+    from segpipe.config import ModelConfig
+    from segpipe.model import Segmenter
+
+    segmenter = Segmenter(model_config(cfg, ModelConfig))
+    device = segmenter.device
+    tensors = []
+    for _, data in files:
+        decoded = decode_image(data)
+        assert isinstance(decoded, DecodedImage)
+        tensor = torch.from_numpy(decoded.pixels).permute(2, 0, 1).float().div_(255.0)
+        tensors.append(tensor.to(device))
+    batches = [tensors[i : i + cfg.batch_size] for i in range(0, len(tensors), cfg.batch_size)]
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.inference_mode():
+        segmenter.model(batches[0])  # warm-up (allocator, cudnn autotuning, lazy init)
+        sync()
+        started = time.perf_counter()
+        for batch in batches:
+            out = segmenter.model(batch)
+        sync()
+        seconds = time.perf_counter() - started
+    found = len(out[-1]["scores"])
+    if found != cfg.detections:
+        print(f"bench: note: the model returned {found} detections, not {cfg.detections}")
+    name = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        name += f" ({torch.get_num_threads()} threads)"
+    return len(tensors) / seconds, name
+
+
+def model_config(cfg: BenchConfig, cls: Any) -> Any:
+    return cls(
+        arch=cfg.arch,
+        weights=cfg.weights,
+        device=cfg.device,
+        min_size=min(cfg.width, cfg.height),
+        max_size=max(cfg.width, cfg.height),
+        score_threshold=0.0,
+        max_detections=cfg.detections,
+    )
+
+
+def bench_pipeline(cfg: BenchConfig, count: int, endpoint: str, run: int) -> PipelineFigures:
+    import fsspec
+
+    from segpipe.config import ModelConfig, RunConfig
+    from segpipe.pipeline import run as run_pipeline
+
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    prefix = f"bench/in-{run}"
+    for name, data in jpeg_images(cfg, count):
+        fs.pipe_file(f"{prefix}/{name}", data)
+    run_cfg = RunConfig(
+        inputs=(f"s3://{prefix}/",),
+        output=f"s3://bench/out-{run}",
+        run_id=f"bench-{run}",
+        model=model_config(cfg, ModelConfig),
+        batch_size=cfg.batch_size,
+        cpus_per_actor=cfg.cpus_per_actor,
+    )
+    with _peak_memory() as peaks:
+        started = time.perf_counter()
+        summary = run_pipeline(run_cfg)
+        seconds = time.perf_counter() - started
+    assert summary.images_ok == count, summary
+    return PipelineFigures(
+        images=count,
+        seconds=round(seconds, 2),
+        images_per_s=count / seconds,
+        driver_peak_rss_mib=peaks["driver"],
+        workers_peak_rss_mib=peaks["worker"],
+        workers_total_peak_rss_mib=peaks["workers_total"],
+    )
+
+
+def run_benchmark(cfg: BenchConfig) -> BenchResult:
+    from segpipe.s3local import loopback_s3_env
+
+    files = list(jpeg_images(cfg, cfg.images))
+    stage_ms = bench_non_model(cfg, files)
+    bare, device = bench_bare(cfg, files)
+    stage_ms["model (bare)"] = 1000 / bare
+    from segpipe.pipeline import ray_runtime
+
+    os.environ.pop("RAY_ADDRESS", None)
+    figures = []
+    with loopback_s3_env() as endpoint, ray_runtime():
+        import fsspec
+
+        fsspec.filesystem("s3", skip_instance_cache=True).mkdir("bench")
+        # A first, unmeasured run pays the once-per-runtime costs (worker processes,
+        # imports), which would otherwise land on the first measured run only.
+        bench_pipeline(cfg, min(cfg.images, 4), endpoint, 0)
+        sizes = [cfg.images] + ([cfg.images * cfg.scale] if cfg.scale > 1 else [])
+        for k, count in enumerate(sizes, 1):
+            figures.append(bench_pipeline(cfg, count, endpoint, k))
+    startup: float | None = None
+    if len(figures) == 2:
+        small, large = figures
+        pipeline = (large.images - small.images) / max(1e-9, large.seconds - small.seconds)
+        startup = round(small.seconds - small.images / pipeline, 1)
+    else:
+        pipeline = figures[0].images_per_s
+    peak = max(max(p.driver_peak_rss_mib, p.workers_peak_rss_mib) for p in figures)
+    return BenchResult(
+        device=device,
+        config=asdict(cfg),
+        bare_images_per_s=bare,
+        pipeline_images_per_s=pipeline,
+        pipeline_startup_s=startup,
+        efficiency=pipeline / bare,
+        non_model_images_per_s_per_core=1000
+        / sum(v for k, v in stage_ms.items() if not k.startswith("model")),
+        stage_ms_per_image=stage_ms,
+        peak_rss_mib=peak,
+        pipeline=figures,
+    )
+
+
+@contextmanager
+def _peak_memory(interval: float = 0.2) -> Iterator[dict[str, float]]:
+    """Sample the RSS of this process and of every Ray worker process while inside."""
+    peaks = {"driver": 0.0, "worker": 0.0, "workers_total": 0.0}
+    stop = threading.Event()
+    me = psutil.Process()
+
+    def sample() -> None:
+        while not stop.is_set():
+            total = 0.0
+            for proc in psutil.process_iter(["name", "cmdline", "memory_info"]):
+                try:
+                    cmd = " ".join(proc.info["cmdline"] or [])
+                    rss = proc.info["memory_info"].rss / 2**20
+                except (psutil.Error, AttributeError, TypeError):
+                    continue
+                if proc.pid == me.pid:
+                    peaks["driver"] = max(peaks["driver"], rss)
+                elif "ray::" in (proc.info["name"] or "") or "default_worker.py" in cmd:
+                    peaks["worker"] = max(peaks["worker"], rss)
+                    total += rss
+            peaks["workers_total"] = max(peaks["workers_total"], total)
+            stop.wait(interval)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield peaks
+    finally:
+        stop.set()
+        thread.join()
+        for key in peaks:
+            peaks[key] = round(peaks[key], 1)

@@ -1,0 +1,50 @@
+"""`segpipe bench` runs all three measurements and writes the JSON the issue names."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from segpipe.benchmark import BenchConfig, bench_non_model, fixed_detections, jpeg_images
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_fixed_detections_and_non_model_stages() -> None:
+    cfg = BenchConfig(width=64, height=48, detections=7, images=3)
+    det = fixed_detections(cfg)
+    assert det.masks.shape == (7, 48, 64) and len(det) == 7
+    for mask, box in zip(det.masks, det.boxes, strict=True):
+        ys, xs = np.nonzero(mask)
+        assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == tuple(box)
+    stages = bench_non_model(cfg, list(jpeg_images(cfg, 3)))
+    assert set(stages) == {"decode", "encode", "write"} and all(v > 0 for v in stages.values())
+
+
+def test_bench_command_end_to_end(tmp_path: Path) -> None:
+    """A tiny configuration, in its own process (its own S3 server and Ray runtime)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
+    out = tmp_path / "bench.json"
+    args = ["--arch", "maskrcnn_tiny_fpn", "--width", "96", "--height", "64", "--images", "4",
+            "--scale", "2", "--detections", "3", "--device", "cpu", "--json", str(out)]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "benchmark.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    for key in ("bare_images_per_s", "pipeline_images_per_s", "efficiency", "peak_rss_mib"):
+        assert figures[key] > 0, key
+    assert figures["device"].startswith("cpu")
+    assert [p["images"] for p in figures["pipeline"]] == [4, 8]
+    assert figures["efficiency"] == figures["pipeline_images_per_s"] / figures["bare_images_per_s"]
+    assert "steady state" in result.stdout and "non-model stages" in result.stdout
