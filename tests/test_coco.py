@@ -164,3 +164,33 @@ def _cocoeval(annotations: Path, results: list[dict[str, Any]], iou_type: str) -
         evaluator.accumulate()
         evaluator.summarize()
     return [float(v) for v in evaluator.stats]
+
+
+def test_eval_export_and_render_on_object_storage(s3_env: str, tmp_path: Path) -> None:
+    """Output, images and annotations all in S3 (the loopback server), results back there."""
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("coco-s3")
+    gt = write_dataset("s3://coco-s3/images", seed=SEED, count=4)
+    rows = [
+        (
+            f"s3://coco-s3/images/{image.file_name}",
+            (image.pixels.shape[1], image.pixels.shape[0]),
+            ground_truth_detections(image),
+        )
+        for image in generate(SEED, 4)
+    ]
+    write_output("s3://coco-s3/out", "s3run", rows, SHAPES_LABELS)
+    out = ["--output", "s3://coco-s3/out"]
+    assert main(["eval", *out, "--annotations", "s3://coco-s3/images/annotations.json"]) == 0
+    with fs.open("coco-s3/out/_runs/s3run.metrics.json") as f:
+        assert json.load(f)["stats"]["segm"]["AP"] == pytest.approx(1.0)
+    assert main(["export", *out, "--to", "s3://coco-s3/export/results.json",
+                 "--dataset", "s3://coco-s3/export/dataset.json"]) == 0  # fmt: skip
+    with fs.open("coco-s3/export/results.json") as f:
+        assert len(json.load(f)) == len(gt["annotations"])
+    with fs.open("coco-s3/export/dataset.json") as f:
+        assert json.load(f)["images"][0]["file_name"].startswith("images/shapes_")
+    assert main(["render", *out, "--to", str(tmp_path / "gallery")]) == 0
+    assert len(list((tmp_path / "gallery").glob("*.png"))) == 4
