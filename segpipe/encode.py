@@ -50,21 +50,62 @@ class ImageRef:
     height: int
 
 
-def encode_masks(masks: np.ndarray) -> tuple[list[str], np.ndarray]:
+def encode_masks(
+    masks: np.ndarray, boxes: np.ndarray | None = None
+) -> tuple[list[str], np.ndarray]:
     """Binary masks ``(N, H, W)`` (bool or 0/1 uint8) -> (RLE counts strings, areas int64).
 
     Each counts string decodes with ``{"size": [H, W], "counts": s.encode()}``.
+
+    With ``boxes`` (``(N, 4)``, ``x0, y0, x1, y1``), each mask is run-length encoded from the
+    full-height strip of columns around its box only: in column-major order that strip is one
+    contiguous stretch of the image, so only its first and last runs change. A mask with a
+    pixel outside its strip (checked by pixel count) is encoded whole. Same result, without
+    copying whole masks into column-major order.
     """
     if masks.ndim != 3:
         raise ValueError(f"masks must be (N, H, W), got shape {masks.shape}")
     n = masks.shape[0]
     if n == 0:
         return [], np.zeros(0, dtype=np.int64)
+    if boxes is not None:
+        if boxes.shape != (n, 4):
+            raise ValueError(f"boxes must be ({n}, 4), got shape {boxes.shape}")
+        encoded = [_encode_near_box(masks[k], boxes[k]) for k in range(n)]
+        return [c for c, _ in encoded], np.array([a for _, a in encoded], dtype=np.int64)
     # (N, H, W) -> C-ordered (N, W, H); its transpose (H, W, N) is then Fortran-ordered.
     fortran = np.ascontiguousarray(masks.astype(np.uint8, copy=False).transpose(0, 2, 1))
     rles = mask_utils.encode(fortran.transpose(2, 1, 0))
     areas = mask_utils.area(rles).astype(np.int64)
     return [rle["counts"].decode("ascii") for rle in rles], areas
+
+
+def _encode_near_box(mask: np.ndarray, box: np.ndarray) -> tuple[str, int]:
+    height, width = mask.shape
+    area = int(np.count_nonzero(mask))
+    x0, x1 = float(box[0]), float(box[2])
+    pad = int(0.1 * max(0.0, x1 - x0)) + 2  # torchvision pastes masks slightly past the box
+    lo = min(width, max(0, int(np.floor(x0)) - pad))
+    hi = max(0, min(width, int(np.ceil(x1)) + pad))
+    if hi <= lo or not np.isfinite(x0 + x1):
+        lo, hi = 0, width
+    # Column-major order of the strip = its transpose in row-major order.
+    flat = np.ascontiguousarray(mask[:, lo:hi].T).reshape(-1).view(np.uint8)
+    if int(np.count_nonzero(flat)) != area and (lo, hi) != (0, width):
+        lo, hi = 0, width
+        flat = np.ascontiguousarray(mask.T).reshape(-1).view(np.uint8)
+    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    runs = np.diff(np.concatenate(([0], changes, [flat.size]))).astype(np.int64)
+    if flat.size and flat[0]:
+        runs = np.concatenate(([0], runs))  # RLE starts with a run of zeros
+    runs[0] += lo * height
+    trailing = (width - hi) * height
+    if runs.size % 2:  # ends with zeros
+        runs[-1] += trailing
+    elif trailing:
+        runs = np.append(runs, trailing)
+    rle = mask_utils.frPyObjects({"size": [height, width], "counts": runs.tolist()}, height, width)
+    return rle["counts"].decode("ascii"), area
 
 
 def decode_mask(counts: str, height: int, width: int) -> np.ndarray:
@@ -95,7 +136,8 @@ def instances_table(
                 f"masks of {ref.uri} are {det.masks.shape[1:]}, image is {ref.height}x{ref.width}"
             )
         order = np.argsort(-det.scores, kind="stable")
-        counts, areas = encode_masks(det.masks[order])
+        unordered, unordered_areas = encode_masks(det.masks, det.boxes)
+        counts, areas = [unordered[k] for k in order], unordered_areas[order]
         labels = det.labels[order].astype(np.int32)
         boxes = det.boxes[order].astype(np.float32)
         rle_counts.extend(counts)
