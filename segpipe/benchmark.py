@@ -36,29 +36,11 @@ from typing import Any
 import numpy as np
 import psutil
 
+from segpipe.config import BenchConfig, ModelConfig
 from segpipe.decode import DecodedImage, decode_image
 from segpipe.encode import Detections
 from segpipe.samples import sample_image
 from segpipe.schema import image_id
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    device: str = "auto"
-    arch: str = "maskrcnn_resnet50_fpn"
-    weights: str = "none"
-    width: int = 640
-    height: int = 480
-    batch_size: int = 1
-    detections: int = 20
-    images: int = 8
-    scale: int = 10  # the scaling run uses images * scale; 1 skips it
-    cpus_per_actor: float = 1.0
-
-    def __post_init__(self) -> None:
-        for name in ("width", "height", "batch_size", "detections", "images", "scale"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -180,10 +162,9 @@ def bench_bare(cfg: BenchConfig, files: list[tuple[str, bytes]]) -> tuple[float,
     """Images per second of the model alone, and the device it ran on."""
     import torch
 
-    from segpipe.config import ModelConfig
     from segpipe.model import Segmenter
 
-    segmenter = Segmenter(model_config(cfg, ModelConfig))
+    segmenter = Segmenter(model_config(cfg))
     device = segmenter.device
     tensors = []
     for _, data in files:
@@ -214,8 +195,8 @@ def bench_bare(cfg: BenchConfig, files: list[tuple[str, bytes]]) -> tuple[float,
     return len(tensors) / seconds, name
 
 
-def model_config(cfg: BenchConfig, cls: Any) -> Any:
-    return cls(
+def model_config(cfg: BenchConfig) -> ModelConfig:
+    return ModelConfig(
         arch=cfg.arch,
         weights=cfg.weights,
         device=cfg.device,
@@ -226,10 +207,10 @@ def model_config(cfg: BenchConfig, cls: Any) -> Any:
     )
 
 
-def bench_pipeline(cfg: BenchConfig, count: int, endpoint: str, run: int) -> PipelineFigures:
+def bench_pipeline(cfg: BenchConfig, count: int, run: int) -> PipelineFigures:
     import fsspec
 
-    from segpipe.config import ModelConfig, RunConfig
+    from segpipe.config import RunConfig
     from segpipe.pipeline import run as run_pipeline
 
     fs = fsspec.filesystem("s3", skip_instance_cache=True)
@@ -240,7 +221,7 @@ def bench_pipeline(cfg: BenchConfig, count: int, endpoint: str, run: int) -> Pip
         inputs=(f"s3://{prefix}/",),
         output=f"s3://bench/out-{run}",
         run_id=f"bench-{run}",
-        model=model_config(cfg, ModelConfig),
+        model=model_config(cfg),
         batch_size=cfg.batch_size,
         cpus_per_actor=cfg.cpus_per_actor,
     )
@@ -270,16 +251,16 @@ def run_benchmark(cfg: BenchConfig) -> BenchResult:
 
     os.environ.pop("RAY_ADDRESS", None)
     figures = []
-    with loopback_s3_env() as endpoint, ray_runtime():
+    with loopback_s3_env(), ray_runtime():
         import fsspec
 
         fsspec.filesystem("s3", skip_instance_cache=True).mkdir("bench")
         # A first, unmeasured run pays the once-per-runtime costs (worker processes,
         # imports), which would otherwise land on the first measured run only.
-        bench_pipeline(cfg, min(cfg.images, 4), endpoint, 0)
+        bench_pipeline(cfg, min(cfg.images, 4), 0)
         sizes = [cfg.images] + ([cfg.images * cfg.scale] if cfg.scale > 1 else [])
         for k, count in enumerate(sizes, 1):
-            figures.append(bench_pipeline(cfg, count, endpoint, k))
+            figures.append(bench_pipeline(cfg, count, k))
     startup: float | None = None
     if len(figures) == 2:
         small, large = figures

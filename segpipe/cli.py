@@ -20,7 +20,14 @@ from typing import Any
 
 import fsspec
 
-from segpipe.config import ARCH_CHOICES, DEVICES, DecodeConfig, ModelConfig, RunConfig
+from segpipe.config import (
+    ARCH_CHOICES,
+    DEVICES,
+    BenchConfig,
+    DecodeConfig,
+    ModelConfig,
+    RunConfig,
+)
 
 log = logging.getLogger("segpipe")
 
@@ -151,8 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     bench = sub.add_parser("bench", help="bare model vs whole pipeline vs non-model stages")
-    from segpipe.benchmark import BenchConfig
-
     for name, value in asdict(BenchConfig()).items():
         bench.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     bench.add_argument("--json", metavar="PATH", help="also write the figures as JSON here")
@@ -355,7 +360,7 @@ def render_command(args: argparse.Namespace) -> int:
 
 
 def bench_command(args: argparse.Namespace) -> int:
-    from segpipe.benchmark import BenchConfig, run_benchmark
+    from segpipe.benchmark import run_benchmark
 
     cfg = BenchConfig(**{k: getattr(args, k) for k in asdict(BenchConfig())})
     result = run_benchmark(cfg)

@@ -139,3 +139,24 @@ class RunConfig:
             raise ValueError(
                 f"cannot partition by {bad}; choose from {', '.join(sorted(allowed))} (or none)"
             )
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One ``segpipe bench`` (see :mod:`segpipe.benchmark`)."""
+
+    device: str = "auto"
+    arch: str = "maskrcnn_resnet50_fpn"
+    weights: str = "none"
+    width: int = 640
+    height: int = 480
+    batch_size: int = 1
+    detections: int = 20
+    images: int = 8
+    scale: int = 10  # the scaling run uses images * scale; 1 skips it
+    cpus_per_actor: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("width", "height", "batch_size", "detections", "images", "scale"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -141,7 +141,7 @@ def detection_results(
 ) -> list[dict[str, Any]]:
     """One image's detections (straight from the model) as COCO results, encoded exactly as
     the pipeline encodes them."""
-    counts, _ = encode_masks(detections.masks)
+    counts, _ = encode_masks(detections.masks, detections.boxes)
     height, width = detections.masks.shape[1:]
     results = []
     for box, label, score, rle in zip(

@@ -20,6 +20,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from importlib import resources
 from typing import Any
 
@@ -126,72 +127,73 @@ def _sizes(cfg: ModelConfig, recorded: Mapping[str, Any] | None = None) -> tuple
     return min_size, max_size
 
 
+@dataclass(frozen=True)
+class _Resolved:
+    """What ``cfg`` names, once: torchvision weights or a checkpoint (or neither, for
+    ``none``), and the arch and input sizes they and ``cfg`` settle on."""
+
+    member: Any  # torchvision weights enum member, or None
+    checkpoint: Checkpoint | None
+    arch: str
+    min_size: int
+    max_size: int
+
+
+def _resolve(cfg: ModelConfig) -> _Resolved:
+    member, checkpoint = None, None
+    if cfg.weights.lower() != "none":
+        member = _torchvision_weights(_arch(cfg), cfg.weights)
+        if member is None:
+            checkpoint = load_checkpoint(_source(cfg.weights), expected_sha256=cfg.weights_sha256)
+    arch = _arch(cfg, checkpoint.arch if checkpoint else None)
+    min_size, max_size = _sizes(cfg, checkpoint.transform if checkpoint else None)
+    return _Resolved(member, checkpoint, arch, min_size, max_size)
+
+
 def build_model(cfg: ModelConfig) -> tuple[nn.Module, WeightsInfo]:
     """The Mask R-CNN for ``cfg`` on the CPU, in eval mode, and a description of it."""
-    kwargs: dict[str, Any] = {
-        "box_score_thresh": cfg.score_threshold,
-        "box_detections_per_img": cfg.max_detections,
-    }
-    if cfg.weights.lower() == "none":
-        arch = _arch(cfg)
-        min_size, max_size = _sizes(cfg)
-        log.warning(
-            "weights=none: %s is RANDOMLY INITIALISED. Its detections are meaningless; use "
-            "this only to test plumbing.",
-            arch,
-        )
-        model = _BUILDERS[arch](
-            weights=None, weights_backbone=None, min_size=min_size, max_size=max_size, **kwargs
-        )
-        info = WeightsInfo("none", "none", None, COCO_CATEGORIES, arch, min_size, max_size)
-    elif (enum_member := _torchvision_weights(_arch(cfg), cfg.weights)) is not None:
-        arch = _arch(cfg)
-        min_size, max_size = _sizes(cfg)
+    r = _resolve(cfg)
+    builder = partial(
+        _BUILDERS[r.arch],
+        min_size=r.min_size,
+        max_size=r.max_size,
+        box_score_thresh=cfg.score_threshold,
+        box_detections_per_img=cfg.max_detections,
+    )
+    described = partial(WeightsInfo, arch=r.arch, min_size=r.min_size, max_size=r.max_size)
+    if r.member is not None:
         try:
-            model = _BUILDERS[arch](
-                weights=enum_member, progress=False, min_size=min_size, max_size=max_size, **kwargs
-            )
+            model = builder(weights=r.member, progress=False)
         except (OSError, RuntimeError) as exc:  # URLError is an OSError
             raise WeightsError(
-                f"could not fetch torchvision weights {enum_member} from {enum_member.url}: "
+                f"could not fetch torchvision weights {r.member} from {r.member.url}: "
                 f"{exc}. Without internet access, copy that file to storage you can reach "
                 "and pass its path or URI as the weights."
             ) from exc
-        categories = tuple(enum_member.meta["categories"])
-        info = WeightsInfo(
-            "torchvision", str(enum_member), None, categories, arch, min_size, max_size
-        )
-    else:
-        checkpoint = load_checkpoint(_source(cfg.weights), expected_sha256=cfg.weights_sha256)
-        arch = _arch(cfg, checkpoint.arch)
-        min_size, max_size = _sizes(cfg, checkpoint.transform)
+        categories = tuple(r.member.meta["categories"])
+        info = described("torchvision", str(r.member), None, categories)
+    elif r.checkpoint is not None:
+        checkpoint = r.checkpoint
         num_classes = _num_classes(checkpoint.state_dict, cfg.weights)
         names = checkpoint.categories
         if cfg.categories is not None:
             names = load_categories(cfg.categories)
         categories = _category_names(names, num_classes, cfg.weights)
-        model = _BUILDERS[arch](
-            weights=None,
-            weights_backbone=None,
-            num_classes=num_classes,
-            min_size=min_size,
-            max_size=max_size,
-            **kwargs,
-        )
-        _load_state_dict(model, checkpoint.state_dict, cfg.weights, arch)
-        if arch == "maskrcnn_resnet50_fpn" and checkpoint.sha256.startswith(
+        model = builder(weights=None, weights_backbone=None, num_classes=num_classes)
+        _load_state_dict(model, checkpoint.state_dict, cfg.weights, r.arch)
+        if r.arch == "maskrcnn_resnet50_fpn" and checkpoint.sha256.startswith(
             _TORCHVISION_V1_COCO_SHA256_PREFIX
         ):
             _zero_batchnorm_eps(model)
-        info = WeightsInfo(
-            "checkpoint",
-            _shown(cfg.weights),
-            checkpoint.sha256,
-            categories,
-            arch,
-            min_size,
-            max_size,
+        info = described("checkpoint", _shown(cfg.weights), checkpoint.sha256, categories)
+    else:
+        log.warning(
+            "weights=none: %s is RANDOMLY INITIALISED. Its detections are meaningless; use "
+            "this only to test plumbing.",
+            r.arch,
         )
+        model = builder(weights=None, weights_backbone=None)
+        info = described("none", "none", None, COCO_CATEGORIES)
     model.eval()
     return model, info
 
@@ -200,38 +202,15 @@ def fingerprint_weights(cfg: ModelConfig) -> dict[str, Any]:
     """Identify the weights and what they build without building the model: for a run
     record, and to fail fast (unknown name, missing or unreadable checkpoint, wrong pin, arch
     mismatch) before any cluster work starts."""
-    if cfg.weights.lower() == "none":
-        min_size, max_size = _sizes(cfg)
-        return {
-            "kind": "none",
-            "name": "none",
-            "sha256": None,
-            "arch": _arch(cfg),
-            "min_size": min_size,
-            "max_size": max_size,
-        }
-    member = _torchvision_weights(_arch(cfg), cfg.weights)
-    if member is not None:
-        min_size, max_size = _sizes(cfg)
-        return {
-            "kind": "torchvision",
-            "name": str(member),
-            "url": member.url,
-            "sha256": None,
-            "arch": _arch(cfg),
-            "min_size": min_size,
-            "max_size": max_size,
-        }
-    checkpoint = load_checkpoint(_source(cfg.weights), expected_sha256=cfg.weights_sha256)
-    min_size, max_size = _sizes(cfg, checkpoint.transform)
-    return {
-        "kind": "checkpoint",
-        "name": _shown(cfg.weights),
-        "sha256": checkpoint.sha256,
-        "arch": _arch(cfg, checkpoint.arch),
-        "min_size": min_size,
-        "max_size": max_size,
-    }
+    r = _resolve(cfg)
+    found: dict[str, Any]
+    if r.member is not None:
+        found = {"kind": "torchvision", "name": str(r.member), "url": r.member.url, "sha256": None}
+    elif r.checkpoint is not None:
+        found = {"kind": "checkpoint", "name": _shown(cfg.weights), "sha256": r.checkpoint.sha256}
+    else:
+        found = {"kind": "none", "name": "none", "sha256": None}
+    return {**found, "arch": r.arch, "min_size": r.min_size, "max_size": r.max_size}
 
 
 def _check_pin(uri: str, digest: str, expected: str | None) -> None:

@@ -86,8 +86,9 @@ def render(
     """Write ``<to>/<image_id>.png`` overlays and ``<to>/index.html``; returns what was drawn."""
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
+    # The instances to draw (and to pick images by, with --where), and its parameters.
     condition = f"({where})" if where else "score >= ?"
-    params: list[object] = [run_id] if where else [run_id, min_score]
+    condition_params: list[object] = [] if where else [min_score]
     try:
         picked = con.execute(
             "SELECT i.image_id, i.uri FROM images i WHERE i.run_id = ? AND i.status = 'ok' "
@@ -112,7 +113,7 @@ def render(
                 "SELECT label, score, box_x0, box_y0, box_x1, box_y1, mask_rle, image_height, "
                 f"image_width FROM instances WHERE run_id = ? AND image_id = ? AND {condition} "
                 "ORDER BY score",
-                [run_id, image_id, *params[1:]],
+                [run_id, image_id, *condition_params],
             )
         )
         try:
@@ -138,7 +139,7 @@ def render(
     counts = con.execute(
         "SELECT label, count(*) AS objects, round(avg(score), 3) FROM instances "
         f"WHERE run_id = ? AND {condition} GROUP BY label ORDER BY objects DESC, label",
-        params,
+        [run_id, *condition_params],
     ).fetchall()
     page = gallery_html(run_id, drawn, counts, where or f"score >= {min_score}")
     fs.pipe_file(f"{root}/index.html", page.encode("utf-8"))

@@ -6,12 +6,13 @@ It needs the ``demo`` extra (``moto[server]``). Nothing here is used by ``segpip
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 # Credentials for a throwaway loopback server only; real runs use the provider chain.
 LOOPBACK_ENV = {
@@ -22,15 +23,15 @@ LOOPBACK_ENV = {
 
 
 @contextlib.contextmanager
-def loopback_s3_env() -> Iterator[str]:
-    """A moto server, with this process's AWS settings pointing at it while inside (and
-    restored afterwards, so that Ray workers started inside inherit them)."""
-    import os
-
-    keys = [*LOOPBACK_ENV, "AWS_ENDPOINT_URL"]
+def loopback_s3_env(credentials: Mapping[str, str] = LOOPBACK_ENV) -> Iterator[str]:
+    """A moto server, with this process's AWS settings (``credentials``, the endpoint, no
+    profile) pointing at it while inside and restored afterwards. Ray workers started inside
+    inherit them."""
+    keys = [*credentials, "AWS_ENDPOINT_URL", "AWS_PROFILE"]
     saved = {k: os.environ.get(k) for k in keys}
     with moto_server() as endpoint:
-        os.environ.update(LOOPBACK_ENV, AWS_ENDPOINT_URL=endpoint)
+        os.environ.update(credentials, AWS_ENDPOINT_URL=endpoint)
+        os.environ.pop("AWS_PROFILE", None)
         try:
             yield endpoint
         finally:

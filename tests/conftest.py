@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -8,7 +7,7 @@ import pytest
 import torch
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 
-from segpipe.s3local import moto_server
+from segpipe.s3local import loopback_s3_env
 
 FAKE_KEY_ID = "segpipe-test-key-id"
 FAKE_SECRET = "segpipe-test-secret-never-logged"
@@ -21,23 +20,13 @@ def s3_endpoint() -> Iterator[str]:
     The standard AWS provider chain is pointed at it through the environment, before any Ray
     runtime starts, so that Ray's workers inherit the same settings.
     """
-    env = {
+    credentials = {
         "AWS_ACCESS_KEY_ID": FAKE_KEY_ID,
         "AWS_SECRET_ACCESS_KEY": FAKE_SECRET,
         "AWS_DEFAULT_REGION": "us-east-1",
     }
-    saved = {k: os.environ.get(k) for k in [*env, "AWS_ENDPOINT_URL", "AWS_PROFILE"]}
-    with moto_server() as endpoint:
-        os.environ.update(env, AWS_ENDPOINT_URL=endpoint)
-        os.environ.pop("AWS_PROFILE", None)
-        try:
-            yield endpoint
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    with loopback_s3_env(credentials) as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

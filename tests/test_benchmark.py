@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from segpipe.benchmark import BenchConfig, bench_non_model, fixed_detections, jpeg_images
+from segpipe.benchmark import bench_non_model, fixed_detections, jpeg_images
+from segpipe.config import BenchConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
