@@ -58,6 +58,8 @@ _RUN_KEYS = (
     "cpus_per_actor",
     "partition_by",
     "images_per_file",
+    "resume",
+    "overwrite",
 )
 
 
@@ -85,6 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", metavar="URI", help="where the tables go (required)")
     run.add_argument("--config", metavar="FILE", help="TOML or YAML file setting these flags")
     run.add_argument("--run-id", help="name of this run (default: run-<UTC timestamp>)")
+    again = run.add_mutually_exclusive_group()
+    again.add_argument(
+        "--resume",
+        action="store_true",
+        default=None,
+        help="finish an interrupted run of this --run-id: skip the images it committed",
+    )
+    again.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=None,
+        help="replace the run of this --run-id (its rows, record and listing) with a new one",
+    )
     model = run.add_argument_group("model")
     model.add_argument(
         "--arch", choices=ARCH_CHOICES, help="default auto: the checkpoint's, else R50-FPN"

@@ -90,6 +90,23 @@ RUN_ID_PATTERN = r"[A-Za-z][A-Za-z0-9._-]{0,127}"
 DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
+def check_output_uri(uri: str) -> None:
+    """Refuse output URIs that would leak credentials or write somewhere unexpected: user
+    info or a query string (credentials belong to the provider chain, not the URI), and
+    ``..`` segments (the output must be a plain location; nothing is written above it)."""
+    _, sep, rest = uri.partition("://")
+    path = rest if sep else uri
+    if sep and "@" in path.split("/", 1)[0]:
+        raise ValueError(
+            "the output URI must not hold credentials (user:secret@...); "
+            "use the storage's provider chain (environment, profile, instance role)"
+        )
+    if sep and ("?" in path or "#" in path):
+        raise ValueError("the output URI must not have a query string or fragment")
+    if ".." in path.replace("\\", "/").split("/"):
+        raise ValueError("the output URI must not contain '..' segments")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """One ``segpipe run``: where images come from, where rows go, and how work is spread.
@@ -115,12 +132,20 @@ class RunConfig:
     cpus_per_actor: float = 1.0
     partition_by: tuple[str, ...] = ("run_id",)
     images_per_file: int = 5000  # rows per images file; instances files hold their detections
+    # An existing run of the same id: finish it (skip committed images) or replace it.
+    resume: bool = False
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if bool(self.inputs) == (self.manifest is not None):
             raise ValueError("give either input URIs or a manifest, not both and not neither")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other")
+        if (self.resume or self.overwrite) and self.run_id is None:
+            raise ValueError("--resume and --overwrite need the --run-id of the run to act on")
         if not self.output:
             raise ValueError("an output URI is required")
+        check_output_uri(self.output)
         if self.run_id is not None and not re.fullmatch(RUN_ID_PATTERN, self.run_id):
             raise ValueError(
                 f"run id {self.run_id!r} must start with a letter and hold only letters, digits, "

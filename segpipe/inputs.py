@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from segpipe.config import PARTITION_COLUMNS
 from segpipe.io import redact
 from segpipe.schema import IMAGES_SCHEMA
 
@@ -144,10 +145,11 @@ def check_manifest(uri: str, uri_column: str) -> list[str]:
             "name the URI column with --uri-column"
         )
     extras = [n for n in names if n != uri_column]
-    clashes = [n for n in extras if n in IMAGES_SCHEMA.names]
+    clashes = [n for n in extras if n in IMAGES_SCHEMA.names or n in PARTITION_COLUMNS]
     if clashes:
         raise InputError(
-            f"manifest columns {clashes} clash with output columns of the images table; rename them"
+            f"manifest columns {clashes} clash with output or partition columns of the images "
+            "table; rename them"
         )
     return extras
 

@@ -9,13 +9,43 @@ before it is shown.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import random
 import re
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
 
+log = logging.getLogger(__name__)
+
 _USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")
+T = TypeVar("T")
+
+# Signs of a fault that passes: throttling, server errors, dropped or timed-out connections.
+# Object stores report them as HTTP statuses or error codes inside the message.
+_TRANSIENT_WORDS = (
+    "SlowDown",
+    "Throttl",
+    "TooManyRequests",
+    "RequestTimeout",
+    "InternalError",
+    "ServiceUnavailable",
+    "Service Unavailable",
+    "Bad Gateway",
+    "Gateway Timeout",
+    "Internal Server Error",
+    "RequestLimitExceeded",
+    "Connection reset",
+    "Server disconnected",
+    "ServerDisconnected",
+    "IncompleteRead",
+    "Connection aborted",
+)
+_TRANSIENT_TYPES = ("Timeout", "Connection", "Disconnected", "PayloadError", "IncompleteRead")
+RETRY_ATTEMPTS = 6
 
 
 def redact(uri: str) -> str:
@@ -29,8 +59,63 @@ def absolute(uri: str) -> str:
     return uri if "://" in uri else os.path.abspath(uri)
 
 
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error it was raised from) is a fault worth retrying. A missing
+    object or a denied access is an answer, not a fault: never retried."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            break
+        if isinstance(seen, FileNotFoundError | PermissionError | IsADirectoryError):
+            return False
+        if isinstance(seen, ConnectionError | TimeoutError):
+            return True
+        if any(word in type(seen).__name__ for word in _TRANSIENT_TYPES):
+            return True
+        if any(word in str(seen) for word in _TRANSIENT_WORDS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def retrying(
+    fn: Callable[..., T],
+    *args: Any,
+    attempts: int = RETRY_ATTEMPTS,
+    base_delay: float = 0.2,
+    max_delay: float = 10.0,
+    **kwargs: Any,
+) -> T:
+    """``fn(*args, **kwargs)``, retried on transient faults with exponential back-off and full
+    jitter (0.2 s, 0.4 s, ... capped at ``max_delay``). Other errors are raised at once; a
+    transient one is raised after ``attempts`` tries. The storage clients retry too (botocore,
+    s3fs); this is the outer layer, so that a burst of faults costs time, not images."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if attempt == attempts or not is_transient(exc):
+                raise
+            delay = random.uniform(0, min(max_delay, base_delay * 2 ** (attempt - 1)))
+            log.warning(
+                "transient storage error (attempt %d of %d), retrying in %.2f s: %s: %s",
+                attempt,
+                attempts,
+                delay,
+                type(exc).__name__,
+                str(exc)[:200],
+            )
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
 def read_bytes(uri: str, **storage_options: Any) -> bytes:
-    """The whole content of the file at ``uri`` (a local path or any fsspec URI)."""
+    """The whole content of the file at ``uri`` (a local path or any fsspec URI), with
+    transient faults retried (:func:`retrying`)."""
+    return retrying(_read_once, uri, **storage_options)
+
+
+def _read_once(uri: str, **storage_options: Any) -> bytes:
     with fsspec.open(uri, "rb", **storage_options) as f:
         data: bytes = f.read()
     return data

@@ -16,9 +16,11 @@ to about ``images / images_per_file`` per table and partition.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -39,18 +41,28 @@ from ray.data import ActorPoolStrategy, Dataset
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink, WriteResult
 
+from segpipe.commit import COMMITS_DIR, committed_totals, delete_run, recover, units
 from segpipe.config import RunConfig
 from segpipe.inputs import check_manifest, list_images, manifest_format, prepare_manifest_batch
 from segpipe.inputs import write_listing as write_listing_shards
 from segpipe.io import absolute, redact
 from segpipe.model import SHIPPED_WEIGHTS, fingerprint_weights
-from segpipe.record import now, public_config, record_uri, versions, write_record
-from segpipe.stages import Segment, load_batch
+from segpipe.record import (
+    RUNS_DIR,
+    now,
+    public_config,
+    read_record,
+    record_uri,
+    versions,
+    write_record,
+)
+from segpipe.stages import Segment, load_batch, with_image_ids
 from segpipe.writer import IMAGES_DIR, INSTANCES_DIR, WriteCounts, arrow_filesystem, write_rows
 
 log = logging.getLogger(__name__)
 
 LISTING_DIR = "_listing"
+LISTING_DONE = "_COMPLETE.json"  # written once every listing shard is
 DECODE_TASK_MEMORY = 256 * 1024**2
 
 
@@ -86,22 +98,28 @@ def default_run_id() -> str:
 
 
 def run(cfg: RunConfig) -> RunSummary:
-    """Run the whole job; checks everything it can before any cluster work starts."""
+    """Run the whole job; checks everything it can before any cluster work starts.
+
+    A new run id starts a run; an existing one is refused unless ``cfg.resume`` (finish it:
+    images already committed are skipped) or ``cfg.overwrite`` (delete it, then run anew).
+    """
     started = time.monotonic()
     named = cfg.run_id is not None
     cfg = _resolved(cfg)
     assert cfg.run_id is not None
-    _check_output(cfg, named)
+    previous = _check_output(cfg, named)
     weights = fingerprint_weights(cfg.model)
     extras = check_manifest(cfg.manifest, cfg.uri_column) if cfg.manifest else []
-    listed = None
-    if cfg.inputs:
-        listed = write_listing_shards(list_images(cfg.inputs, cfg.extensions), _listing_folder(cfg))
-        log.info("listed %d images from %d inputs", listed, len(cfg.inputs))
+    if previous is not None and cfg.overwrite:
+        log.info("--overwrite: deleting run %s from %s", cfg.run_id, redact(cfg.output))
+        delete_run(cfg.output, cfg.run_id, _run_files(cfg.run_id))
+        previous = None
+    listed = _listing(cfg, previous)
     record: dict[str, Any] = {
         "run_id": cfg.run_id,
         "status": "running",
         "started_at": now(),
+        "attempts": 1 if previous is None else 1 + int(previous.get("attempts", 1)),
         "config": public_config(cfg),
         "versions": versions(),
         "weights": weights,
@@ -109,6 +127,15 @@ def run(cfg: RunConfig) -> RunSummary:
         "listed_images": listed,
     }
     write_record(cfg.output, cfg.run_id, record)
+    recover(cfg.output, cfg.run_id)
+    prior, prior_units = committed_totals(cfg.output, cfg.run_id)
+    if prior_units:
+        log.info(
+            "resuming run %s: %d images in %d committed units are skipped",
+            cfg.run_id,
+            prior.images,
+            prior_units,
+        )
 
     started_ray = _init_ray()
     try:
@@ -116,7 +143,7 @@ def run(cfg: RunConfig) -> RunSummary:
         record["actors"] = asdict(plan)
         write_record(cfg.output, cfg.run_id, record)
         sink = _TablesSink(cfg.output, cfg.partition_by, cfg.images_per_file)
-        _build(cfg, plan).write_datasink(sink)
+        _build(cfg, plan, skip_committed=prior_units > 0).write_datasink(sink)
     except BaseException as exc:
         record.update(status="failed", finished_at=now(), error=f"{type(exc).__name__}: {exc}")
         write_record(cfg.output, cfg.run_id, record)
@@ -124,21 +151,50 @@ def run(cfg: RunConfig) -> RunSummary:
     finally:
         if started_ray:
             ray.shutdown()
-    counts = sink.totals
+    counts = prior + sink.totals
     summary = RunSummary(
         cfg.run_id, cfg.output, **asdict(counts), seconds=time.monotonic() - started
     )
     if listed is not None and counts.images != listed:
-        log.error("listed %d images but wrote %d images rows", listed, counts.images)
+        log.error("listed %d images but the run holds %d images rows", listed, counts.images)
     record.update(
         status="succeeded",
         finished_at=now(),
         counts=asdict(counts),
+        resumed_from=asdict(prior) if prior_units else None,
         seconds=round(summary.seconds, 3),
-        images_per_s=round(summary.images_per_s, 3),
+        images_per_s=round(sink.totals.images / summary.seconds, 3) if summary.seconds else 0,
     )
     write_record(cfg.output, cfg.run_id, record)
     return summary
+
+
+def _listing(cfg: RunConfig, previous: dict[str, Any] | None) -> int | None:
+    """List the inputs into shards (or, resuming, reuse the shards of the first attempt, so
+    that files added or removed since do not change what the run covers)."""
+    if not cfg.inputs:
+        return None
+    assert cfg.run_id is not None
+    folder = _listing_folder(cfg)
+    fs, path = fsspec.core.url_to_fs(folder)
+    done = f"{path}/{LISTING_DONE}"
+    if previous is not None and fs.exists(done):
+        listed = int(json.loads(fs.cat_file(done))["images"])
+        log.info("resuming with the listing of the first attempt: %d images", listed)
+        return listed
+    listed = write_listing_shards(list_images(cfg.inputs, cfg.extensions), folder)
+    fs.pipe_file(done, json.dumps({"images": listed}).encode())
+    log.info("listed %d images from %d inputs", listed, len(cfg.inputs))
+    return listed
+
+
+def _run_files(run_id: str) -> list[str]:
+    """A run's bookkeeping beside its rows, relative to the output."""
+    return [
+        f"{LISTING_DIR}/{run_id}",
+        f"{RUNS_DIR}/{run_id}.metrics.json",
+        f"{RUNS_DIR}/{run_id}.json",
+    ]
 
 
 @dataclass(frozen=True)
@@ -168,8 +224,10 @@ def _actor_plan(cfg: RunConfig) -> ActorPlan:
     return plan
 
 
-def _build(cfg: RunConfig, plan: ActorPlan) -> Dataset:
+def _build(cfg: RunConfig, plan: ActorPlan, skip_committed: bool = False) -> Dataset:
     ds = _read_uris(cfg)
+    if skip_committed:
+        ds = _without_committed(ds, cfg)
     ds = ds.repartition(target_num_rows_per_block=cfg.load_batch_size)
     ds = ds.map_batches(
         partial(load_batch, decode=cfg.decode),
@@ -197,13 +255,27 @@ def _read_uris(cfg: RunConfig) -> Dataset:
     filesystem, path = arrow_filesystem(source)
     kind = "parquet" if cfg.manifest is None else manifest_format(cfg.manifest)
     if kind == "parquet":
-        ds = ray.data.read_parquet(path, filesystem=filesystem)
+        ds = ray.data.read_parquet(path, filesystem=filesystem, file_extensions=["parquet"])
     elif kind == "csv":
         ds = ray.data.read_csv(path, filesystem=filesystem)
     else:
         ds = ray.data.read_text(path, filesystem=filesystem)
     column = cfg.uri_column if cfg.manifest is not None else "uri"
     return ds.map_batches(partial(prepare_manifest_batch, uri_column=column), batch_format="numpy")
+
+
+def _without_committed(ds: Dataset, cfg: RunConfig) -> Dataset:
+    """The input rows whose images have no committed ``images`` row in this run yet: an
+    anti-join on ``image_id`` against the run's committed images files, hash-partitioned
+    across the cluster (nothing gathers either side on the driver)."""
+    assert cfg.run_id is not None
+    filesystem, root = arrow_filesystem(cfg.output)
+    files = [f"{root}/{rel}" for u in units(cfg.output, cfg.run_id) for rel in u.files[IMAGES_DIR]]
+    done = ray.data.read_parquet(files, filesystem=filesystem, columns=["image_id"])
+    partitions = int(min(64, max(4, ray.cluster_resources().get("CPU", 4))))
+    return ds.map_batches(with_image_ids, batch_format="numpy").join(
+        done, join_type="left_anti", num_partitions=partitions, on=("image_id",)
+    )
 
 
 def _resolved(cfg: RunConfig) -> RunConfig:
@@ -226,24 +298,48 @@ def _listing_folder(cfg: RunConfig) -> str:
     return f"{cfg.output}/{LISTING_DIR}/{cfg.run_id}"
 
 
-def _check_output(cfg: RunConfig, named: bool) -> None:
-    """Refuse to mix runs: a run id that exists, or an unnamed run into a used output."""
+def _check_output(cfg: RunConfig, named: bool) -> dict[str, Any] | None:
+    """Refuse to mix runs, and fail now if the output cannot be written. Returns the record
+    of an existing run of this id (which ``resume`` or ``overwrite`` then acts on)."""
     assert cfg.run_id is not None
     fs, root = fsspec.core.url_to_fs(cfg.output)
-    if fs.exists(record_uri(root, cfg.run_id)):
-        raise OutputError(
-            f"run {cfg.run_id} already exists in {redact(cfg.output)}; choose another --run-id"
-        )
+    root = root.rstrip("/")
+    previous: dict[str, Any] | None = None
+    exists = fs.exists(record_uri(root, cfg.run_id)) or fs.exists(
+        f"{root}/{COMMITS_DIR}/{cfg.run_id}"
+    )
+    if exists:
+        if not (cfg.resume or cfg.overwrite):
+            raise OutputError(
+                f"run {cfg.run_id} already exists in {redact(cfg.output)}; pass --resume to "
+                "finish it, --overwrite to replace it, or choose another --run-id"
+            )
+        try:
+            previous = read_record(cfg.output, cfg.run_id)
+        except (FileNotFoundError, ValueError):
+            previous = {}
     used = [d for d in (IMAGES_DIR, INSTANCES_DIR) if fs.exists(f"{root}/{d}")]
     if used and not named:
         raise OutputError(
             f"{redact(cfg.output)} already holds results; pass --run-id NAME to add a run "
             "beside them, or choose an empty output"
         )
+    probe = f"{root}/{RUNS_DIR}/.write-probe-{uuid.uuid4().hex}"
     try:
-        fs.makedirs(root, exist_ok=True)
+        if _is_local(fs):  # object stores have no folders (and no bucket is made here)
+            fs.makedirs(f"{root}/{RUNS_DIR}", exist_ok=True)
+        fs.pipe_file(probe, b"")
+        fs.rm(probe)
     except Exception as exc:
-        raise OutputError(f"cannot create output {redact(cfg.output)}: {exc}") from exc
+        raise OutputError(
+            f"cannot write to output {redact(cfg.output)}: {type(exc).__name__}: {exc}"
+        ) from exc
+    return previous
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return "file" in protocols or "local" in protocols
 
 
 @contextlib.contextmanager

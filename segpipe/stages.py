@@ -30,7 +30,7 @@ from segpipe.decode import DecodedImage, DecodeError, decode_image
 from segpipe.encode import Detections, ImageRecord, ImageRef, images_table, instances_table
 from segpipe.inputs import canonical_uri
 from segpipe.io import read_bytes, redact
-from segpipe.schema import INSTANCES_SCHEMA, STATUS_OK, image_id
+from segpipe.schema import INSTANCES_SCHEMA, STATUS_ERROR, STATUS_OK, image_id
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ READ_ERROR = "read_error"
 BAD_URI = "bad_uri"
 NOT_FOUND = "not_found"
 PERMISSION_DENIED = "permission_denied"
+MODEL_ERROR = "model_error"
 
 # Columns an instance row takes from its image rather than from the detection.
 _IMAGE_LEVEL = {"run_id", "image_id", "uri", "image_width", "image_height"}
@@ -102,6 +103,19 @@ def load_batch(batch: Batch, decode: DecodeConfig, io_threads: int = 16) -> Batc
     return out
 
 
+def with_image_ids(batch: Batch) -> Batch:
+    """The batch with ``image_id`` added, computed as :func:`load_batch` will (from the
+    canonical URI, or from the text as given when it is not a valid one)."""
+    ids = []
+    for raw in batch["uri"]:
+        try:
+            uri = canonical_uri(str(raw))
+        except ValueError:
+            uri = str(raw)
+        ids.append(image_id(uri))
+    return {**batch, "image_id": np.array(ids, dtype=object)}
+
+
 class Segment:
     """Mask R-CNN over a decoded batch -> one row per image with its detections nested.
 
@@ -117,9 +131,30 @@ class Segment:
 
     def __call__(self, batch: Batch) -> pa.Table:
         ok = [i for i, s in enumerate(batch["status"]) if s == STATUS_OK]
-        detections = self.segmenter([batch["pixels"][i] for i in ok])
-        by_row: dict[int, Detections] = dict(zip(ok, detections, strict=True))
+        try:
+            detections = self.segmenter([batch["pixels"][i] for i in ok])
+            by_row: dict[int, Detections] = dict(zip(ok, detections, strict=True))
+        except Exception as exc:
+            log.warning(
+                "the model failed on a batch of %d images (%s: %s); running them one by one",
+                len(ok),
+                type(exc).__name__,
+                str(exc)[:200],
+            )
+            by_row, batch = self._one_by_one(batch, ok)
         return image_rows(batch, self.run_id, by_row, self.segmenter.categories)
+
+    def _one_by_one(self, batch: Batch, ok: list[int]) -> tuple[dict[int, Detections], Batch]:
+        """Each image alone; one the model still fails on becomes an error row."""
+        by_row: dict[int, Detections] = {}
+        status, code, error = (batch[k].copy() for k in ("status", "error_code", "error"))
+        for i in ok:
+            try:
+                by_row[i] = self.segmenter([batch["pixels"][i]])[0]
+            except Exception as exc:
+                status[i], code[i] = STATUS_ERROR, MODEL_ERROR
+                error[i] = f"the model failed on this image: {type(exc).__name__}: {exc}"[:1000]
+        return by_row, {**batch, "status": status, "error_code": code, "error": error}
 
 
 def image_rows(

@@ -7,14 +7,14 @@ Layout (Hive-style partitions, one folder level per partition column)::
 
 A partition column applies to each table that has it (``label`` partitions only
 ``instances``). File names are deterministic (``file_stem`` comes from the caller), so writing
-the same unit of work twice replaces its files instead of adding copies.
+the same unit of work twice replaces its files instead of adding copies. :func:`write_rows`
+writes through the commit protocol (:mod:`segpipe.commit`): readers never see a partial file.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import astuple, dataclass
 
 import fsspec
 import pyarrow as pa
@@ -22,6 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pds
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
+from segpipe.commit import Unit, WriteCounts, commit_unit, staging_root
+from segpipe.io import retrying
 from segpipe.schema import STATUS_OK
 from segpipe.stages import split_tables
 
@@ -62,39 +64,38 @@ def write_table(
     return written
 
 
-@dataclass
-class WriteCounts:
-    """What one write (or, summed, a whole run) put in the tables."""
-
-    images: int = 0
-    images_ok: int = 0
-    images_error: int = 0
-    instances: int = 0
-    files: int = 0
-
-    def __add__(self, other: WriteCounts) -> WriteCounts:
-        return WriteCounts(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
-
-
 def write_rows(rows: pa.Table, output: str, *, partition_by: Sequence[str]) -> WriteCounts:
-    """Write per-image rows with nested detections (``stages.image_rows``) as the two tables.
+    """Write per-image rows with nested detections (``stages.image_rows``) as the two tables,
+    through the commit protocol of :mod:`segpipe.commit` (stage, commit, publish).
 
-    The file stem is derived from the image ids the rows hold, so the same images always land
-    in the same file names. Instances are written before images: an ``images`` row is visible
-    only once its image's instances are.
+    The unit's name is a hash of the run id and the image ids it holds, so the same images
+    always land in the same file names and a retried write replaces its own files.
     """
     if rows.num_rows == 0:
         return WriteCounts()
     images, instances = split_tables(rows)
+    run_ids = pc.unique(images.column("run_id")).to_pylist()
+    if len(run_ids) != 1:
+        raise ValueError(f"a unit of rows must belong to one run, got {run_ids}")
+    run_id = str(run_ids[0])
     ids = images.column("image_id").to_pylist()
-    stem = "part-" + hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:20]
-    files = write_table(instances, output, INSTANCES_DIR, partition_by=partition_by, file_stem=stem)
-    files += write_table(images, output, IMAGES_DIR, partition_by=partition_by, file_stem=stem)
+    key = "\n".join([run_id, *sorted(ids)])
+    stem = "part-" + hashlib.sha256(key.encode()).hexdigest()[:20]
+    staged = staging_root(output.rstrip("/"), run_id, stem)
+    unit = Unit(run_id, stem)
+    _, staged_root = arrow_filesystem(staged)
+    for name, table in ((IMAGES_DIR, images), (INSTANCES_DIR, instances)):
+        paths = retrying(
+            write_table, table, staged, name, partition_by=partition_by, file_stem=stem
+        )
+        unit.files[name] = sorted(p[len(staged_root) + 1 :] for p in paths)
     ok = int(pc.sum(pc.equal(images.column("status"), STATUS_OK)).as_py() or 0)
-    return WriteCounts(
+    unit.counts = WriteCounts(
         images=images.num_rows,
         images_ok=ok,
         images_error=images.num_rows - ok,
         instances=instances.num_rows,
-        files=len(files),
+        files=sum(len(f) for f in unit.files.values()),
     )
+    commit_unit(output.rstrip("/"), unit)
+    return unit.counts

@@ -296,13 +296,28 @@ def test_record_has_no_secrets_in_uris(tmp_path: Path) -> None:
     from segpipe.record import public_config
 
     cfg = RunConfig(
-        output="s3://key:topsecret@bucket/out?X-Amz-Signature=abc",
-        inputs=("https://user:pw@host/images/",),
+        output="s3://bucket/out",
+        inputs=("https://user:pw@host/images/?X-Amz-Signature=abc",),
         model=ModelConfig(weights="s3://k:s@b/m.pt"),
     )
     text = json.dumps(public_config(cfg))
-    for secret in ("topsecret", "X-Amz-Signature", "pw@", "k:s@"):
+    for secret in ("X-Amz-Signature", "pw@", "k:s@"):
         assert secret not in text
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        ("s3://key:topsecret@bucket/out", "must not hold credentials"),
+        ("s3://bucket/out?X-Amz-Signature=abc", "query string"),
+        ("s3://bucket/a/../../other", "'..' segments"),
+        ("/data/out/../../etc", "'..' segments"),
+    ],
+)
+def test_output_uris_are_validated(output: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as raised:
+        RunConfig(output=output, inputs=("/data/in",))
+    assert "topsecret" not in str(raised.value)
 
 
 def test_listing_is_streamed_into_bounded_shards(tmp_path: Path) -> None:

@@ -1,0 +1,182 @@
+"""The commit protocol: how a unit of rows becomes visible in the tables, exactly once.
+
+A *unit* is what one write task holds: the per-image rows of some images, written as one
+``images`` file and one ``instances`` file per partition. Its name (``stem``) is a hash of the
+run id and its image ids, so a retried write task rewrites the same names.
+
+Steps, for unit ``S`` of run ``R`` under ``<output>``::
+
+    1. stage    <output>/_staging/R/S/{images,instances}/<partition dirs>/S-0.parquet
+    2. commit   <output>/_commits/R/S.json       (the files and counts; one atomic PUT)
+    3. publish  move each staged images file to <output>/images/..., then the instances files
+    4. clean    delete <output>/_staging/R/S/
+
+Readers (DuckDB, Spark, Athena, Trino) read only ``images/`` and ``instances/``, so they never
+see a staged file, however partial. A file appears in a table in one step: a rename on a local
+disk, a server-side copy on S3 (an object becomes visible only once whole; S3 has no rename,
+but it never shows a partial object). Images files are published before instances files, so
+an instance row is never visible before its image's row. The commit marker (step 2) is the
+point of no return: a unit with a marker is finished by :func:`recover` (steps 3-4, which are
+idempotent); a unit without one is deleted by it, and its images are processed again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, astuple, dataclass, field
+
+import fsspec
+
+from segpipe.io import redact, retrying
+
+log = logging.getLogger(__name__)
+
+STAGING_DIR = "_staging"
+COMMITS_DIR = "_commits"
+TABLES = ("images", "instances")  # publish order: images first
+
+
+@dataclass
+class WriteCounts:
+    """What one unit (or, summed, a whole run) put in the tables."""
+
+    images: int = 0
+    images_ok: int = 0
+    images_error: int = 0
+    instances: int = 0
+    files: int = 0
+
+    def __add__(self, other: WriteCounts) -> WriteCounts:
+        return WriteCounts(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+
+@dataclass
+class Unit:
+    """One committed unit: its files (relative to the output) per table, and its counts."""
+
+    run_id: str
+    stem: str
+    files: dict[str, list[str]] = field(default_factory=dict)
+    counts: WriteCounts = field(default_factory=WriteCounts)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Unit:
+        data = json.loads(text)
+        return cls(data["run_id"], data["stem"], data["files"], WriteCounts(**data["counts"]))
+
+
+def staging_root(output: str, run_id: str, stem: str) -> str:
+    return f"{output}/{STAGING_DIR}/{run_id}/{stem}"
+
+
+def marker_path(root: str, run_id: str, stem: str) -> str:
+    return f"{root}/{COMMITS_DIR}/{run_id}/{stem}.json"
+
+
+def commit_unit(output: str, unit: Unit) -> None:
+    """Steps 2-4 for a unit whose files are staged under :func:`staging_root`."""
+    fs, root = fsspec.core.url_to_fs(output)
+    root = root.rstrip("/")
+    atomic_write(fs, marker_path(root, unit.run_id, unit.stem), unit.to_json())
+    publish(fs, root, unit)
+
+
+def publish(fs: fsspec.AbstractFileSystem, root: str, unit: Unit) -> None:
+    """Move a committed unit's staged files into the tables (images first); idempotent."""
+    staged = f"{root}/{STAGING_DIR}/{unit.run_id}/{unit.stem}"
+    for table in TABLES:
+        for rel in unit.files.get(table, []):
+            source, target = f"{staged}/{rel}", f"{root}/{rel}"
+            if retrying(fs.exists, source):
+                fs.makedirs(posixpath.dirname(target), exist_ok=True)
+                retrying(fs.mv, source, target)
+    if retrying(fs.exists, staged):
+        retrying(fs.rm, staged, recursive=True)
+
+
+def atomic_write(fs: fsspec.AbstractFileSystem, path: str, text: str) -> None:
+    """Write ``text`` so that ``path`` holds either nothing or all of it: a temporary name in
+    the same folder, then a move (a rename on local disks, a copy of a whole object on S3)."""
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+    retrying(fs.pipe_file, temporary, text.encode())
+    retrying(fs.mv, temporary, path)
+
+
+def units(output: str, run_id: str) -> Iterator[Unit]:
+    """The committed units of a run, read from their markers (one small object each)."""
+    fs, root = fsspec.core.url_to_fs(output)
+    folder = f"{root.rstrip('/')}/{COMMITS_DIR}/{run_id}"
+    fs.invalidate_cache()  # listings cached earlier in this process may be stale
+    if not fs.exists(folder):
+        return
+    for path in sorted(fs.find(folder)):
+        if path.endswith(".json"):
+            yield Unit.from_json(retrying(fs.cat_file, path).decode())
+
+
+def recover(output: str, run_id: str) -> tuple[int, int]:
+    """Finish what a killed attempt left: publish committed units still staged, delete
+    uncommitted ones. Returns (units finished, units discarded)."""
+    fs, root = fsspec.core.url_to_fs(output)
+    root = root.rstrip("/")
+    folder = f"{root}/{STAGING_DIR}/{run_id}"
+    finished = discarded = 0
+    fs.invalidate_cache()
+    if not fs.exists(folder):
+        return 0, 0
+    for staged in sorted(fs.ls(folder, detail=False)):
+        stem = posixpath.basename(staged.rstrip("/"))
+        marker = marker_path(root, run_id, stem)
+        if fs.exists(marker):
+            publish(fs, root, Unit.from_json(fs.cat_file(marker).decode()))
+            finished += 1
+        else:
+            fs.rm(staged, recursive=True)
+            discarded += 1
+    if finished or discarded:
+        log.info(
+            "recovered run %s in %s: %d committed units published, %d uncommitted discarded",
+            run_id,
+            redact(output),
+            finished,
+            discarded,
+        )
+    return finished, discarded
+
+
+def committed_totals(output: str, run_id: str) -> tuple[WriteCounts, int]:
+    """Summed counts of a run's committed units, and how many units."""
+    total, n = WriteCounts(), 0
+    for unit in units(output, run_id):
+        total = total + unit.counts
+        n += 1
+    return total, n
+
+
+def delete_run(output: str, run_id: str, extra: list[str]) -> None:
+    """Remove a run's rows and bookkeeping: instances files, then images files (so that no
+    instance is ever left without its image), then its markers and staging, then ``extra``
+    (paths relative to the output: the run record, the listing, ...)."""
+    fs, root = fsspec.core.url_to_fs(output)
+    root = root.rstrip("/")
+    listed = list(units(output, run_id))
+    for table in reversed(TABLES):
+        for unit in listed:
+            for rel in unit.files.get(table, []):
+                if fs.exists(f"{root}/{rel}"):
+                    retrying(fs.rm, f"{root}/{rel}")
+        # Files of a run partitioned by run_id that no marker names (older layouts).
+        folder = f"{root}/{table}/run_id={run_id}"
+        if fs.exists(folder):
+            fs.rm(folder, recursive=True)
+    for rel in (f"{STAGING_DIR}/{run_id}", f"{COMMITS_DIR}/{run_id}", *extra):
+        if fs.exists(f"{root}/{rel}"):
+            fs.rm(f"{root}/{rel}", recursive=True)
