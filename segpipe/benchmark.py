@@ -209,6 +209,7 @@ def model_config(cfg: BenchConfig) -> ModelConfig:
 
 def bench_pipeline(cfg: BenchConfig, count: int, run: int) -> PipelineFigures:
     import fsspec
+    import torch
 
     from segpipe.config import RunConfig
     from segpipe.pipeline import run as run_pipeline
@@ -224,6 +225,7 @@ def bench_pipeline(cfg: BenchConfig, count: int, run: int) -> PipelineFigures:
         model=model_config(cfg),
         batch_size=cfg.batch_size,
         cpus_per_actor=cfg.cpus_per_actor,
+        torch_threads=cfg.torch_threads or torch.get_num_threads(),
     )
     with _peak_memory() as peaks:
         started = time.perf_counter()

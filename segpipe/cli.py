@@ -56,6 +56,7 @@ _RUN_KEYS = (
     "load_batch_size",
     "gpus_per_actor",
     "cpus_per_actor",
+    "torch_threads",
     "partition_by",
     "images_per_file",
     "resume",
@@ -126,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--actors", help="model actors: N or MIN:MAX (default: one per GPU)")
     scale.add_argument("--gpus-per-actor", type=float, help="default: 1 if the cluster has GPUs")
     scale.add_argument("--cpus-per-actor", type=float, help="default 1")
+    scale.add_argument(
+        "--torch-threads", type=int, help="torch threads per actor on CPU (default: cpus)"
+    )
     scale.add_argument(
         "--partition-by", type=_csv, help="partition columns, comma-separated, or 'none'"
     )

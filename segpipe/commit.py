@@ -2,7 +2,8 @@
 
 A *unit* is what one write task holds: the per-image rows of some images, written as one
 ``images`` file and one ``instances`` file per partition. Its name (``stem``) is a hash of the
-run id and its image ids, so a retried write task rewrites the same names.
+run id and its image ids, so a retried write task finds the marker of its earlier try and
+keeps that first commit instead of writing again.
 
 Steps, for unit ``S`` of run ``R`` under ``<output>``::
 
@@ -22,6 +23,7 @@ idempotent); a unit without one is deleted by it, and its images are processed a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import posixpath
@@ -31,7 +33,7 @@ from dataclasses import asdict, astuple, dataclass, field
 
 import fsspec
 
-from segpipe.io import redact, retrying
+from segpipe.io import is_local, redact, retrying
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +74,8 @@ class Unit:
         return cls(data["run_id"], data["stem"], data["files"], WriteCounts(**data["counts"]))
 
 
-def staging_root(output: str, run_id: str, stem: str) -> str:
-    return f"{output}/{STAGING_DIR}/{run_id}/{stem}"
+def staging_root(root: str, run_id: str, stem: str) -> str:
+    return f"{root}/{STAGING_DIR}/{run_id}/{stem}"
 
 
 def marker_path(root: str, run_id: str, stem: str) -> str:
@@ -84,42 +86,84 @@ def commit_unit(output: str, unit: Unit) -> None:
     """Steps 2-4 for a unit whose files are staged under :func:`staging_root`."""
     fs, root = fsspec.core.url_to_fs(output)
     root = root.rstrip("/")
+    staged = staging_root(root, unit.run_id, unit.stem)
+    for rel in (r for table in TABLES for r in unit.files.get(table, [])):
+        if not retrying(fs.exists, f"{staged}/{rel}"):  # a recovery discarded this staging
+            raise RuntimeError(f"unit {unit.stem} of run {unit.run_id}: staged {rel} is gone")
     atomic_write(fs, marker_path(root, unit.run_id, unit.stem), unit.to_json())
     publish(fs, root, unit)
 
 
+def committed_unit(output: str, run_id: str, stem: str) -> Unit | None:
+    """The unit's marker, if it was committed already (by an earlier try of the same task)."""
+    fs, root = fsspec.core.url_to_fs(output)
+    path = marker_path(root.rstrip("/"), run_id, stem)
+    try:
+        return Unit.from_json(retrying(fs.cat_file, path).decode())
+    except FileNotFoundError:
+        return None
+
+
+def publish_committed(output: str, unit: Unit) -> None:
+    fs, root = fsspec.core.url_to_fs(output)
+    publish(fs, root.rstrip("/"), unit)
+
+
 def publish(fs: fsspec.AbstractFileSystem, root: str, unit: Unit) -> None:
     """Move a committed unit's staged files into the tables (images first); idempotent."""
-    staged = f"{root}/{STAGING_DIR}/{unit.run_id}/{unit.stem}"
+    staged = staging_root(root, unit.run_id, unit.stem)
     for table in TABLES:
         for rel in unit.files.get(table, []):
             source, target = f"{staged}/{rel}", f"{root}/{rel}"
             if retrying(fs.exists, source):
-                fs.makedirs(posixpath.dirname(target), exist_ok=True)
-                retrying(fs.mv, source, target)
+                move(fs, source, target)
+            elif not retrying(fs.exists, target):
+                raise RuntimeError(
+                    f"unit {unit.stem} of run {unit.run_id}: {rel} is neither staged nor published"
+                )
     if retrying(fs.exists, staged):
         retrying(fs.rm, staged, recursive=True)
 
 
+def move(fs: fsspec.AbstractFileSystem, source: str, target: str) -> None:
+    """Make ``target`` appear whole, then remove ``source``. A rename on a local disk; on an
+    object store a server-side copy (the object appears only when complete) and a delete,
+    retried separately, so that a delete whose answer was lost is not taken for a failure."""
+    if is_local(fs):
+        fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        retrying(fs.mv, source, target)
+        return
+    retrying(fs.copy, source, target)
+    with contextlib.suppress(FileNotFoundError):
+        retrying(fs.rm, source)
+
+
 def atomic_write(fs: fsspec.AbstractFileSystem, path: str, text: str) -> None:
-    """Write ``text`` so that ``path`` holds either nothing or all of it: a temporary name in
-    the same folder, then a move (a rename on local disks, a copy of a whole object on S3)."""
+    """Write ``text`` so that ``path`` holds either nothing or all of it. On an object store
+    one PUT already is (an object appears only when complete); on a local disk: a temporary
+    name in the same folder, then a rename."""
+    if not is_local(fs):
+        retrying(fs.pipe_file, path, text.encode())
+        return
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     temporary = f"{path}.tmp-{uuid.uuid4().hex}"
-    retrying(fs.pipe_file, temporary, text.encode())
-    retrying(fs.mv, temporary, path)
+    fs.pipe_file(temporary, text.encode())
+    fs.mv(temporary, path)
 
 
-def units(output: str, run_id: str) -> Iterator[Unit]:
-    """The committed units of a run, read from their markers (one small object each)."""
+def units(output: str, run_id: str, chunk: int = 1000) -> Iterator[Unit]:
+    """The committed units of a run, read from their markers (one small object each; read
+    ``chunk`` at a time, concurrently where the filesystem can)."""
     fs, root = fsspec.core.url_to_fs(output)
     folder = f"{root.rstrip('/')}/{COMMITS_DIR}/{run_id}"
     fs.invalidate_cache()  # listings cached earlier in this process may be stale
     if not fs.exists(folder):
         return
-    for path in sorted(fs.find(folder)):
-        if path.endswith(".json"):
-            yield Unit.from_json(retrying(fs.cat_file, path).decode())
+    paths = sorted(p for p in fs.find(folder) if p.endswith(".json"))
+    for start in range(0, len(paths), chunk):
+        found = retrying(fs.cat, paths[start : start + chunk])
+        for path in paths[start : start + chunk]:
+            yield Unit.from_json(found[path].decode())
 
 
 def recover(output: str, run_id: str) -> tuple[int, int]:
@@ -152,27 +196,18 @@ def recover(output: str, run_id: str) -> tuple[int, int]:
     return finished, discarded
 
 
-def committed_totals(output: str, run_id: str) -> tuple[WriteCounts, int]:
-    """Summed counts of a run's committed units, and how many units."""
-    total, n = WriteCounts(), 0
-    for unit in units(output, run_id):
-        total = total + unit.counts
-        n += 1
-    return total, n
-
-
 def delete_run(output: str, run_id: str, extra: list[str]) -> None:
-    """Remove a run's rows and bookkeeping: instances files, then images files (so that no
-    instance is ever left without its image), then its markers and staging, then ``extra``
-    (paths relative to the output: the run record, the listing, ...)."""
+    """Remove a run's rows and bookkeeping: its instances files, then its images files (so
+    that no instance is ever left without its image), then its markers and staging, then
+    ``extra`` (paths relative to the output: the run record, the listing, ...)."""
     fs, root = fsspec.core.url_to_fs(output)
     root = root.rstrip("/")
     listed = list(units(output, run_id))
     for table in reversed(TABLES):
-        for unit in listed:
-            for rel in unit.files.get(table, []):
-                if fs.exists(f"{root}/{rel}"):
-                    retrying(fs.rm, f"{root}/{rel}")
+        paths = [f"{root}/{rel}" for unit in listed for rel in unit.files.get(table, [])]
+        for start in range(0, len(paths), 1000):  # bulk deletes (S3: 1000 keys a request)
+            with contextlib.suppress(FileNotFoundError):
+                retrying(fs.rm, paths[start : start + 1000])
         # Files of a run partitioned by run_id that no marker names (older layouts).
         folder = f"{root}/{table}/run_id={run_id}"
         if fs.exists(folder):

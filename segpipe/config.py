@@ -130,6 +130,9 @@ class RunConfig:
     max_actors: int | None = None  # default: one per GPU, or min_actors without GPUs
     gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0
+    # Threads torch uses in each model actor on CPU; default: what Ray sets, cpus_per_actor.
+    # On a CPU-only node whose decoding is light, all of the node's cores pay (Benchmarks).
+    torch_threads: int | None = None
     partition_by: tuple[str, ...] = ("run_id",)
     images_per_file: int = 5000  # rows per images file; instances files hold their detections
     # An existing run of the same id: finish it (skip committed images) or replace it.
@@ -156,6 +159,8 @@ class RunConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_actors is not None and self.max_actors < self.min_actors:
             raise ValueError(f"max_actors ({self.max_actors}) < min_actors ({self.min_actors})")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             raise ValueError(f"gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
         allowed = set(PARTITION_COLUMNS)
@@ -180,6 +185,7 @@ class BenchConfig:
     images: int = 8
     scale: int = 10  # the scaling run uses images * scale; 1 skips it
     cpus_per_actor: float = 1.0
+    torch_threads: int = 0  # the pipeline's model actor; 0: as many as the bare model uses
 
     def __post_init__(self) -> None:
         for name in ("width", "height", "batch_size", "detections", "images", "scale"):

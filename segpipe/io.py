@@ -30,6 +30,8 @@ _TRANSIENT_WORDS = (
     "SlowDown",
     "Throttl",
     "TooManyRequests",
+    "Too Many Requests",
+    "OperationAborted",
     "RequestTimeout",
     "InternalError",
     "ServiceUnavailable",
@@ -44,19 +46,40 @@ _TRANSIENT_WORDS = (
     "IncompleteRead",
     "Connection aborted",
 )
+# Error messages are only read from these libraries' exceptions (and OSErrors).
+_STORAGE_MODULES = (
+    "botocore",
+    "aiobotocore",
+    "aiohttp",
+    "urllib3",
+    "requests",
+    "http",
+    "s3fs",
+    "gcsfs",
+    "adlfs",
+    "fsspec",
+    "pyarrow",
+)
 _TRANSIENT_TYPES = ("Timeout", "Connection", "Disconnected", "PayloadError", "IncompleteRead")
 RETRY_ATTEMPTS = 6
 
 
 def redact(uri: str) -> str:
-    """The URI without userinfo (``scheme://user:secret@host``) or query string."""
-    return _USERINFO.sub(r"\1***@", uri).split("?", 1)[0]
+    """The URI without userinfo (``scheme://user:secret@host``) or query string, in each
+    part of a chained fsspec URL (``simplecache::s3://...``)."""
+    return "::".join(_USERINFO.sub(r"\1***@", part).split("?", 1)[0] for part in uri.split("::"))
 
 
 def absolute(uri: str) -> str:
     """``uri`` unchanged if it has a scheme, else the absolute form of the local path: Ray
     workers need not share the driver's working directory."""
     return uri if "://" in uri else os.path.abspath(uri)
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is a local disk (folders exist, renames are atomic), not an object store."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return "file" in protocols or "local" in protocols
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -72,7 +95,10 @@ def is_transient(exc: BaseException) -> bool:
             return True
         if any(word in type(seen).__name__ for word in _TRANSIENT_TYPES):
             return True
-        if any(word in str(seen) for word in _TRANSIENT_WORDS):
+        from_storage = isinstance(seen, OSError) or type(seen).__module__.split(".")[0] in (
+            _STORAGE_MODULES
+        )
+        if from_storage and any(word in str(seen) for word in _TRANSIENT_WORDS):
             return True
         seen = seen.__cause__ or seen.__context__
     return False

@@ -41,11 +41,12 @@ from ray.data import ActorPoolStrategy, Dataset
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink, WriteResult
 
-from segpipe.commit import COMMITS_DIR, committed_totals, delete_run, recover, units
+from segpipe.commit import COMMITS_DIR, WriteCounts, atomic_write, delete_run, recover, units
 from segpipe.config import RunConfig
 from segpipe.inputs import check_manifest, list_images, manifest_format, prepare_manifest_batch
 from segpipe.inputs import write_listing as write_listing_shards
-from segpipe.io import absolute, redact
+from segpipe.io import absolute, is_local, redact
+from segpipe.lease import RunLease
 from segpipe.model import SHIPPED_WEIGHTS, fingerprint_weights
 from segpipe.record import (
     RUNS_DIR,
@@ -57,12 +58,13 @@ from segpipe.record import (
     write_record,
 )
 from segpipe.stages import Segment, load_batch, with_image_ids
-from segpipe.writer import IMAGES_DIR, INSTANCES_DIR, WriteCounts, arrow_filesystem, write_rows
+from segpipe.writer import IMAGES_DIR, INSTANCES_DIR, arrow_filesystem, write_rows
 
 log = logging.getLogger(__name__)
 
 LISTING_DIR = "_listing"
 LISTING_DONE = "_COMPLETE.json"  # written once every listing shard is
+DELETING = "deleting"  # a run record's status while --overwrite deletes the old run
 DECODE_TASK_MEMORY = 256 * 1024**2
 
 
@@ -80,16 +82,21 @@ class RunSummary:
     instances: int
     files: int
     seconds: float
+    resumed: int = 0  # images committed by earlier attempts of the run (--resume)
 
     @property
     def images_per_s(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
+        """This attempt's rate: the images it processed over its wall time."""
+        done = self.images - self.resumed
+        return done / self.seconds if self.seconds > 0 else 0.0
 
     def describe(self) -> str:
+        earlier = f", {self.resumed} of them from earlier attempts" if self.resumed else ""
         return (
             f"run {self.run_id}: {self.images} images ({self.images_ok} ok, "
-            f"{self.images_error} error), {self.instances} instances, {self.files} files in "
-            f"{self.seconds:.1f} s ({self.images_per_s:.2f} images/s) -> {redact(self.output)}"
+            f"{self.images_error} error{earlier}), {self.instances} instances, {self.files} "
+            f"files in {self.seconds:.1f} s ({self.images_per_s:.2f} images/s) -> "
+            f"{redact(self.output)}"
         )
 
 
@@ -110,15 +117,36 @@ def run(cfg: RunConfig) -> RunSummary:
     previous = _check_output(cfg, named)
     weights = fingerprint_weights(cfg.model)
     extras = check_manifest(cfg.manifest, cfg.uri_column) if cfg.manifest else []
+    if previous is not None and cfg.resume:
+        _check_same_settings(cfg, weights, previous)
+    with RunLease(cfg.output, cfg.run_id):
+        return _execute(cfg, previous, weights, extras, started)
+
+
+def _execute(
+    cfg: RunConfig,
+    previous: dict[str, Any] | None,
+    weights: dict[str, Any],
+    extras: list[str],
+    started: float,
+) -> RunSummary:
+    """Everything after the checks, under the run's lease."""
+    assert cfg.run_id is not None
+    # Listed before anything of an old run is deleted: a wrong input fails here, harmlessly.
+    listed = _listing(cfg, previous if cfg.resume else None)
     if previous is not None and cfg.overwrite:
         log.info("--overwrite: deleting run %s from %s", cfg.run_id, redact(cfg.output))
-        delete_run(cfg.output, cfg.run_id, _run_files(cfg.run_id))
+        # A tombstone first: a --resume of a half-deleted run would take it for committed.
+        write_record(cfg.output, cfg.run_id, {**previous, "status": DELETING})
+        delete_run(cfg.output, cfg.run_id, [metrics_rel(cfg.run_id)])
         previous = None
-    listed = _listing(cfg, previous)
     record: dict[str, Any] = {
         "run_id": cfg.run_id,
         "status": "running",
         "started_at": now(),
+        "first_started_at": now()
+        if previous is None
+        else previous.get("first_started_at", previous.get("started_at")),
         "attempts": 1 if previous is None else 1 + int(previous.get("attempts", 1)),
         "config": public_config(cfg),
         "versions": versions(),
@@ -128,14 +156,17 @@ def run(cfg: RunConfig) -> RunSummary:
     }
     write_record(cfg.output, cfg.run_id, record)
     recover(cfg.output, cfg.run_id)
-    prior, prior_units = committed_totals(cfg.output, cfg.run_id)
-    if prior_units:
+    committed = list(units(cfg.output, cfg.run_id))  # one small marker per unit, not per image
+    prior = sum((u.counts for u in committed), WriteCounts())
+    if committed:
         log.info(
             "resuming run %s: %d images in %d committed units are skipped",
             cfg.run_id,
             prior.images,
-            prior_units,
+            len(committed),
         )
+    done_files = [rel for u in committed for rel in u.files[IMAGES_DIR]]
+    del committed
 
     started_ray = _init_ray()
     try:
@@ -143,7 +174,7 @@ def run(cfg: RunConfig) -> RunSummary:
         record["actors"] = asdict(plan)
         write_record(cfg.output, cfg.run_id, record)
         sink = _TablesSink(cfg.output, cfg.partition_by, cfg.images_per_file)
-        _build(cfg, plan, skip_committed=prior_units > 0).write_datasink(sink)
+        _build(cfg, plan, done_files).write_datasink(sink)
     except BaseException as exc:
         record.update(status="failed", finished_at=now(), error=f"{type(exc).__name__}: {exc}")
         write_record(cfg.output, cfg.run_id, record)
@@ -153,7 +184,11 @@ def run(cfg: RunConfig) -> RunSummary:
             ray.shutdown()
     counts = prior + sink.totals
     summary = RunSummary(
-        cfg.run_id, cfg.output, **asdict(counts), seconds=time.monotonic() - started
+        cfg.run_id,
+        cfg.output,
+        **asdict(counts),
+        seconds=time.monotonic() - started,
+        resumed=prior.images,
     )
     if listed is not None and counts.images != listed:
         log.error("listed %d images but the run holds %d images rows", listed, counts.images)
@@ -161,9 +196,9 @@ def run(cfg: RunConfig) -> RunSummary:
         status="succeeded",
         finished_at=now(),
         counts=asdict(counts),
-        resumed_from=asdict(prior) if prior_units else None,
+        resumed_from=asdict(prior) if prior.images else None,
         seconds=round(summary.seconds, 3),
-        images_per_s=round(sink.totals.images / summary.seconds, 3) if summary.seconds else 0,
+        images_per_s=round(summary.images_per_s, 3),
     )
     write_record(cfg.output, cfg.run_id, record)
     return summary
@@ -183,18 +218,61 @@ def _listing(cfg: RunConfig, previous: dict[str, Any] | None) -> int | None:
         log.info("resuming with the listing of the first attempt: %d images", listed)
         return listed
     listed = write_listing_shards(list_images(cfg.inputs, cfg.extensions), folder)
-    fs.pipe_file(done, json.dumps({"images": listed}).encode())
+    atomic_write(fs, done, json.dumps({"images": listed}))
     log.info("listed %d images from %d inputs", listed, len(cfg.inputs))
     return listed
 
 
-def _run_files(run_id: str) -> list[str]:
-    """A run's bookkeeping beside its rows, relative to the output."""
-    return [
-        f"{LISTING_DIR}/{run_id}",
-        f"{RUNS_DIR}/{run_id}.metrics.json",
-        f"{RUNS_DIR}/{run_id}.json",
-    ]
+def metrics_rel(run_id: str) -> str:
+    return f"{RUNS_DIR}/{run_id}.metrics.json"
+
+
+# What must not change between the attempts of one run (keys of the run record's config).
+_SAME_ON_RESUME = (
+    "inputs",
+    "manifest",
+    "uri_column",
+    "extensions",
+    "partition_by",
+    "decode",
+    ("model", "arch"),
+    ("model", "min_size"),
+    ("model", "max_size"),
+    ("model", "score_threshold"),
+    ("model", "mask_threshold"),
+    ("model", "max_detections"),
+    ("model", "categories"),
+)
+
+
+def _check_same_settings(cfg: RunConfig, weights: dict[str, Any], previous: dict[str, Any]) -> None:
+    """A resumed run must go on as it began: same inputs, layout, model and weights."""
+    before, now_ = previous.get("config") or {}, public_config(cfg)
+    changed = []
+    for key in _SAME_ON_RESUME:
+        path = key if isinstance(key, tuple) else (key,)
+        old, new = _dig(before, path), _dig(now_, path)
+        if isinstance(old, list | tuple) and isinstance(new, list | tuple):
+            old, new = list(old), list(new)
+        if old != new:
+            changed.append(f"{'.'.join(path)}: {old!r} -> {new!r}")
+    old_weights = previous.get("weights") or {}
+    for key in ("kind", "sha256", "name", "arch", "min_size", "max_size"):
+        if key == "name" and weights.get("sha256"):
+            continue  # the same bytes under another path are the same weights
+        if old_weights.get(key) != weights.get(key):
+            changed.append(f"weights.{key}: {old_weights.get(key)!r} -> {weights.get(key)!r}")
+    if changed:
+        raise OutputError(
+            f"run {cfg.run_id} began with other settings ({'; '.join(changed)}); resume it "
+            "with the same ones, or pass --overwrite to replace it"
+        )
+
+
+def _dig(data: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for part in path:
+        data = data.get(part) if isinstance(data, dict) else None  # type: ignore[assignment]
+    return data
 
 
 @dataclass(frozen=True)
@@ -224,10 +302,10 @@ def _actor_plan(cfg: RunConfig) -> ActorPlan:
     return plan
 
 
-def _build(cfg: RunConfig, plan: ActorPlan, skip_committed: bool = False) -> Dataset:
+def _build(cfg: RunConfig, plan: ActorPlan, done_files: list[str] | None = None) -> Dataset:
     ds = _read_uris(cfg)
-    if skip_committed:
-        ds = _without_committed(ds, cfg)
+    if done_files:
+        ds = _without_committed(ds, cfg, done_files)
     ds = ds.repartition(target_num_rows_per_block=cfg.load_batch_size)
     ds = ds.map_batches(
         partial(load_batch, decode=cfg.decode),
@@ -241,7 +319,11 @@ def _build(cfg: RunConfig, plan: ActorPlan, skip_committed: bool = False) -> Dat
     )
     return ds.map_batches(
         Segment,
-        fn_constructor_kwargs={"model": cfg.model, "run_id": cfg.run_id},
+        fn_constructor_kwargs={
+            "model": cfg.model,
+            "run_id": cfg.run_id,
+            "torch_threads": cfg.torch_threads,
+        },
         batch_size=cfg.batch_size,
         batch_format="numpy",
         compute=ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
@@ -264,13 +346,13 @@ def _read_uris(cfg: RunConfig) -> Dataset:
     return ds.map_batches(partial(prepare_manifest_batch, uri_column=column), batch_format="numpy")
 
 
-def _without_committed(ds: Dataset, cfg: RunConfig) -> Dataset:
+def _without_committed(ds: Dataset, cfg: RunConfig, done_files: list[str]) -> Dataset:
     """The input rows whose images have no committed ``images`` row in this run yet: an
-    anti-join on ``image_id`` against the run's committed images files, hash-partitioned
-    across the cluster (nothing gathers either side on the driver)."""
-    assert cfg.run_id is not None
+    anti-join on ``image_id`` against the run's committed images files (``done_files``,
+    relative to the output), hash-partitioned across the cluster (nothing gathers either
+    side's rows on the driver)."""
     filesystem, root = arrow_filesystem(cfg.output)
-    files = [f"{root}/{rel}" for u in units(cfg.output, cfg.run_id) for rel in u.files[IMAGES_DIR]]
+    files = [f"{root}/{rel}" for rel in done_files]
     done = ray.data.read_parquet(files, filesystem=filesystem, columns=["image_id"])
     partitions = int(min(64, max(4, ray.cluster_resources().get("CPU", 4))))
     return ds.map_batches(with_image_ids, batch_format="numpy").join(
@@ -318,6 +400,11 @@ def _check_output(cfg: RunConfig, named: bool) -> dict[str, Any] | None:
             previous = read_record(cfg.output, cfg.run_id)
         except (FileNotFoundError, ValueError):
             previous = {}
+        if previous.get("status") == DELETING and cfg.resume:
+            raise OutputError(
+                f"run {cfg.run_id} was being replaced by --overwrite when that stopped; "
+                "pass --overwrite again to finish replacing it"
+            )
     used = [d for d in (IMAGES_DIR, INSTANCES_DIR) if fs.exists(f"{root}/{d}")]
     if used and not named:
         raise OutputError(
@@ -326,7 +413,7 @@ def _check_output(cfg: RunConfig, named: bool) -> dict[str, Any] | None:
         )
     probe = f"{root}/{RUNS_DIR}/.write-probe-{uuid.uuid4().hex}"
     try:
-        if _is_local(fs):  # object stores have no folders (and no bucket is made here)
+        if is_local(fs):  # object stores have no folders (and no bucket is made here)
             fs.makedirs(f"{root}/{RUNS_DIR}", exist_ok=True)
         fs.pipe_file(probe, b"")
         fs.rm(probe)
@@ -335,11 +422,6 @@ def _check_output(cfg: RunConfig, named: bool) -> dict[str, Any] | None:
             f"cannot write to output {redact(cfg.output)}: {type(exc).__name__}: {exc}"
         ) from exc
     return previous
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    return "file" in protocols or "local" in protocols
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from typing import Any
 
 import fsspec
 
+from segpipe.commit import atomic_write
 from segpipe.config import RunConfig
 from segpipe.io import redact
 
@@ -62,9 +63,9 @@ def write_record(output: str, run_id: str, record: dict[str, Any]) -> None:
 
 
 def write_json(uri: str, data: dict[str, Any]) -> None:
-    with fsspec.open(uri, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
+    """Write ``data`` so that a reader sees the old file or the new one, never half of one."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    atomic_write(fs, path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_record(output: str, run_id: str) -> dict[str, Any]:

@@ -122,10 +122,14 @@ class Segment:
     Holds the model: construct once per worker, call once per batch.
     """
 
-    def __init__(self, model: ModelConfig, run_id: str) -> None:
+    def __init__(self, model: ModelConfig, run_id: str, torch_threads: int | None = None) -> None:
         # Imported here so that the CPU steps never pay for importing torch.
+        import torch
+
         from segpipe.model import Segmenter
 
+        if torch_threads is not None:
+            torch.set_num_threads(torch_threads)
         self.run_id = run_id
         self.segmenter = Segmenter(model)
 

@@ -22,8 +22,15 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pds
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-from segpipe.commit import Unit, WriteCounts, commit_unit, staging_root
-from segpipe.io import retrying
+from segpipe.commit import (
+    Unit,
+    WriteCounts,
+    commit_unit,
+    committed_unit,
+    publish_committed,
+    staging_root,
+)
+from segpipe.io import is_local, retrying
 from segpipe.schema import STATUS_OK
 from segpipe.stages import split_tables
 
@@ -59,7 +66,9 @@ def write_table(
         basename_template=f"{file_stem}-{{i}}.parquet",
         existing_data_behavior="overwrite_or_ignore",
         file_visitor=lambda f: written.append(f.path),
-        create_dir=True,
+        # Object stores have no folders; asking for them costs requests (and can make
+        # s3fs try to create the bucket).
+        create_dir=is_local(fsspec.core.url_to_fs(output)[0]),
     )
     return written
 
@@ -68,8 +77,8 @@ def write_rows(rows: pa.Table, output: str, *, partition_by: Sequence[str]) -> W
     """Write per-image rows with nested detections (``stages.image_rows``) as the two tables,
     through the commit protocol of :mod:`segpipe.commit` (stage, commit, publish).
 
-    The unit's name is a hash of the run id and the image ids it holds, so the same images
-    always land in the same file names and a retried write replaces its own files.
+    The unit's name is a hash of the run id and the image ids it holds, so a retried write
+    of the same images finds the unit's commit marker and keeps that first commit.
     """
     if rows.num_rows == 0:
         return WriteCounts()
@@ -81,6 +90,12 @@ def write_rows(rows: pa.Table, output: str, *, partition_by: Sequence[str]) -> W
     ids = images.column("image_id").to_pylist()
     key = "\n".join([run_id, *sorted(ids)])
     stem = "part-" + hashlib.sha256(key.encode()).hexdigest()[:20]
+    done = committed_unit(output, run_id, stem)
+    if done is not None:
+        # A retry of a task whose unit was committed: the first commit wins (a retry may
+        # have decoded or detected differently, and its files could differ in name).
+        publish_committed(output, done)
+        return done.counts
     staged = staging_root(output.rstrip("/"), run_id, stem)
     unit = Unit(run_id, stem)
     _, staged_root = arrow_filesystem(staged)

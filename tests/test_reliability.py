@@ -26,6 +26,7 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import psutil
+import pyarrow as pa
 import pytest
 
 from segpipe.cli import main
@@ -187,6 +188,7 @@ def test_killed_run_resumes_to_exactly_one_row_per_input(resumed: Scenario) -> N
     assert record["status"] == "succeeded" and record["attempts"] == 2
     assert record["counts"]["images"] == len(resumed.inputs)
     assert record["resumed_from"]["images"] == resumed.committed_at_kill
+    assert f"{resumed.committed_at_kill} of them from earlier attempts" in resumed.logs[1]
     fs, root = fsspec.core.url_to_fs(resumed.output)
     assert not fs.exists(f"{root}/{STAGING_DIR}/{RUN}") or not fs.ls(f"{root}/{STAGING_DIR}/{RUN}")
 
@@ -458,3 +460,117 @@ def test_bad_configuration_fails_fast(
         assert time.monotonic() - started < 20
     for name in ("o1", "o2", "o3", "o4"):
         assert not (tmp_path / name / "images").exists()
+
+
+def test_a_retried_unit_keeps_its_first_commit(tmp_path: Path) -> None:
+    """A task retried after its unit was committed may decode or detect differently (a read
+    that failed now succeeds); the first commit wins, nothing of the retry is added."""
+    output = tmp_path / "out"
+    first = unit_rows("u", 2)
+    write_rows(first, str(output), partition_by=["run_id", "status"])  # type: ignore[arg-type]
+    files = table_files(output)
+    retried = first.set_column(  # type: ignore[attr-defined]
+        first.schema.get_field_index("status"), "status", pa.array(["error", "ok"])
+    )
+    counts = write_rows(retried, str(output), partition_by=["run_id", "status"])
+    assert counts.images == 2 and table_files(output) == files
+    con = connect(str(output))
+    assert con.execute("SELECT count(*), count(DISTINCT uri) FROM images").fetchone() == (2, 2)
+
+
+def test_commit_refuses_a_unit_whose_staging_was_discarded(tmp_path: Path) -> None:
+    """A writer from an earlier attempt that outlived a recovery must not commit a unit whose
+    staged files the recovery deleted (its marker would name files that never appear)."""
+    import segpipe.commit as commit
+
+    output = tmp_path / "out"
+    unit = Unit("z", "part-zombie", {"images": ["images/run_id=z/part-zombie-0.parquet"]})
+    with pytest.raises(RuntimeError, match="is gone"):
+        commit.commit_unit(str(output), unit)
+    assert not list(units(str(output), "z"))
+    fs, root = fsspec.core.url_to_fs(str(output))
+    with pytest.raises(RuntimeError, match="neither staged nor published"):
+        commit.publish(fs, root, unit)
+
+
+def test_overwrite_and_resume_guard_the_old_run(tmp_path: Path, random_checkpoint: Path) -> None:
+    from segpipe.model import fingerprint_weights
+    from segpipe.record import public_config, read_record, write_record
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    sample_image(0, (64, 64)).save(inputs / "a.png")
+    output = tmp_path / "out"
+    model = ModelConfig(weights=str(random_checkpoint), device="cpu", **SMALL)  # type: ignore[arg-type]
+    cfg = RunConfig(output=str(output), inputs=(str(inputs),), run_id="g", model=model)
+    write_rows(unit_rows("g", 2), str(output), partition_by=["run_id"])  # type: ignore[arg-type]
+    record = {"run_id": "g", "status": "failed", "attempts": 1, "config": public_config(cfg)}
+    write_record(str(output), "g", {**record, "weights": fingerprint_weights(model)})
+    files = table_files(output)
+
+    # A wrong input under --overwrite fails before anything of the old run is deleted.
+    with pytest.raises(ValueError, match="input not found"):
+        run(replace(cfg, inputs=(str(tmp_path / "typo"),), overwrite=True))
+    assert table_files(output) == files and list(units(str(output), "g"))
+
+    # --resume with other settings is refused, naming what changed.
+    with pytest.raises(OutputError, match=r"model\.score_threshold: 0\.05 -> 0\.3"):
+        run(replace(cfg, model=replace(model, score_threshold=0.3), resume=True))
+    with pytest.raises(OutputError, match="partition_by"):
+        run(replace(cfg, partition_by=("run_id", "label"), resume=True))
+
+    # An --overwrite that stopped half way: --resume is refused, --overwrite must finish.
+    write_record(str(output), "g", {**read_record(str(output), "g"), "status": "deleting"})
+    with pytest.raises(OutputError, match="pass --overwrite again"):
+        run(replace(cfg, resume=True))
+
+
+def test_transient_faults_are_told_from_answers() -> None:
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    from segpipe.io import is_transient, redact
+
+    def client_error(code: str, status: int) -> ClientError:
+        error = {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {}}
+        error["ResponseMetadata"]["HTTPStatusCode"] = status  # type: ignore[index]
+        return ClientError(error, "GetObject")  # type: ignore[arg-type]
+
+    for exc in (
+        client_error("SlowDown", 503),
+        client_error("InternalError", 500),
+        OSError("Too Many Requests"),
+        EndpointConnectionError(endpoint_url="http://127.0.0.1:1"),
+        ConnectionResetError(104, "Connection reset by peer"),
+    ):
+        assert is_transient(exc), exc
+    wrapped = OSError("read failed")
+    wrapped.__cause__ = client_error("SlowDown", 503)
+    assert is_transient(wrapped)
+    for exc in (
+        FileNotFoundError("s3://b/k"),
+        PermissionError("Forbidden"),
+        client_error("NoSuchKey", 404),
+        ValueError("Connection reset"),  # not from a storage library: a bug, not a fault
+    ):
+        assert not is_transient(exc), exc
+    assert redact("simplecache::s3://key:secret@bucket/m.pt?sig=1") == (
+        "simplecache::s3://***@bucket/m.pt"
+    )
+
+
+def test_one_driver_per_run(tmp_path: Path) -> None:
+    """A second driver for a run is refused while the first holds its lease; a lease left by
+    a process that no longer exists on this host is taken over at once."""
+    from segpipe.lease import LeaseError, RunLease, lease_path
+
+    output = str(tmp_path / "out")
+    path = Path(lease_path(output, "l"))
+    with RunLease(output, "l"), pytest.raises(LeaseError, match="written by another driver"):
+        RunLease(output, "l").__enter__()
+    assert not path.exists()  # released on exit
+    code = "import os; print(os.getpid())"
+    dead = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True)
+    stale = {"attempt": "x", "host": os.uname().nodename, "pid": int(dead.stdout)}
+    path.write_text(json.dumps({**stale, "heartbeat": time.time()}))
+    with RunLease(output, "l") as lease:
+        assert json.loads(path.read_text())["attempt"] == lease.me["attempt"]

@@ -89,3 +89,35 @@ def test_a_batch_without_detections_keeps_its_shape(inputs: list[str], weights: 
     assert instances.num_rows == 0 and instances.schema == INSTANCES_SCHEMA
     assert images.num_rows == len(inputs)
     assert isinstance(rows.column("instances").type, pa.ListType)
+
+
+def test_segment_runs_a_failing_batch_one_by_one(
+    inputs: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model failing on one image costs that image only: it becomes a model_error row,
+    the rest of its batch keeps its detections. torch_threads reaches torch."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        segment = Segment(ModelConfig(weights="shapes", device="cpu"), "r", torch_threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    loaded = load_batch({"uri": np.array(inputs, dtype=object)}, DecodeConfig())
+    poisoned = loaded["pixels"][1]
+    real = segment.segmenter.__call__
+
+    def flaky(images: list[np.ndarray]) -> list[object]:
+        if any(image is poisoned for image in images):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(images)
+
+    # Calls look __call__ up on the type: patch the class for this test only.
+    monkeypatch.setattr(type(segment.segmenter), "__call__", lambda self, images: flaky(images))
+    images, _ = split_tables(segment(loaded))
+    rows = images.to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "error", "ok", "error", "error"]
+    assert rows[1]["error_code"] == "model_error"
+    assert "the model failed on this image: RuntimeError: CUDA error" in rows[1]["error"]
+    assert rows[3]["error_code"] != "model_error"  # decode errors keep their own cause
