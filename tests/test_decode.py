@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -12,6 +10,7 @@ from PIL import Image
 
 from segpipe import decode
 from segpipe.decode import DecodedImage, DecodeError, decode_image
+from tests.corpus import png_header_claiming
 
 
 def encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
@@ -161,16 +160,6 @@ def test_pixel_limit_is_configurable() -> None:
     err = failed(data, decode.TOO_LARGE, max_pixels=50_000)
     assert "300x200" in err.message and "50000" in err.message
     assert decoded(data, max_pixels=60_000).shape == (200, 300, 3)
-
-
-def png_header_claiming(width: int, height: int) -> bytes:
-    """A PNG whose header declares ``width`` x ``height`` but whose data is a tiny stub."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = b"IHDR" + ihdr
-    body = struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
-    idat = b"IDAT" + zlib.compress(b"\x00" * 64)
-    body += struct.pack(">I", len(idat) - 4) + idat + struct.pack(">I", zlib.crc32(idat))
-    return b"\x89PNG\r\n\x1a\n" + body
 
 
 def test_decompression_bomb_is_refused_from_its_header() -> None:
