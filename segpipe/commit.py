@@ -34,12 +34,13 @@ from dataclasses import asdict, astuple, dataclass, field
 import fsspec
 
 from segpipe.io import is_local, redact, retrying
+from segpipe.schema import IMAGES_DIR, INSTANCES_DIR
 
 log = logging.getLogger(__name__)
 
 STAGING_DIR = "_staging"
 COMMITS_DIR = "_commits"
-TABLES = ("images", "instances")  # publish order: images first
+TABLES = (IMAGES_DIR, INSTANCES_DIR)  # publish order: images first
 
 
 @dataclass
@@ -74,6 +75,12 @@ class Unit:
         return cls(data["run_id"], data["stem"], data["files"], WriteCounts(**data["counts"]))
 
 
+def fs_root(output: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem of ``output`` and the output's path on it, without a trailing slash."""
+    fs, root = fsspec.core.url_to_fs(output)
+    return fs, root.rstrip("/")
+
+
 def staging_root(root: str, run_id: str, stem: str) -> str:
     return f"{root}/{STAGING_DIR}/{run_id}/{stem}"
 
@@ -84,20 +91,19 @@ def marker_path(root: str, run_id: str, stem: str) -> str:
 
 def commit_unit(output: str, unit: Unit) -> None:
     """Steps 2-4 for a unit whose files are staged under :func:`staging_root`."""
-    fs, root = fsspec.core.url_to_fs(output)
-    root = root.rstrip("/")
-    staged = staging_root(root, unit.run_id, unit.stem)
+    fs, root = fs_root(output)
+    present = _staged_files(fs, root, unit)
     for rel in (r for table in TABLES for r in unit.files.get(table, [])):
-        if not retrying(fs.exists, f"{staged}/{rel}"):  # a recovery discarded this staging
+        if rel not in present:  # a recovery discarded this staging
             raise RuntimeError(f"unit {unit.stem} of run {unit.run_id}: staged {rel} is gone")
     atomic_write(fs, marker_path(root, unit.run_id, unit.stem), unit.to_json())
-    publish(fs, root, unit)
+    publish(fs, root, unit, present)
 
 
 def committed_unit(output: str, run_id: str, stem: str) -> Unit | None:
     """The unit's marker, if it was committed already (by an earlier try of the same task)."""
-    fs, root = fsspec.core.url_to_fs(output)
-    path = marker_path(root.rstrip("/"), run_id, stem)
+    fs, root = fs_root(output)
+    path = marker_path(root, run_id, stem)
     try:
         return Unit.from_json(retrying(fs.cat_file, path).decode())
     except FileNotFoundError:
@@ -105,23 +111,33 @@ def committed_unit(output: str, run_id: str, stem: str) -> Unit | None:
 
 
 def publish_committed(output: str, unit: Unit) -> None:
-    fs, root = fsspec.core.url_to_fs(output)
-    publish(fs, root.rstrip("/"), unit)
+    publish(*fs_root(output), unit)
 
 
-def publish(fs: fsspec.AbstractFileSystem, root: str, unit: Unit) -> None:
-    """Move a committed unit's staged files into the tables (images first); idempotent."""
+def _staged_files(fs: fsspec.AbstractFileSystem, root: str, unit: Unit) -> set[str]:
+    """The unit's staged files still there, relative to its staging folder (one listing)."""
     staged = staging_root(root, unit.run_id, unit.stem)
+    return {path[len(staged) + 1 :] for path in retrying(fs.find, staged)}
+
+
+def publish(
+    fs: fsspec.AbstractFileSystem, root: str, unit: Unit, present: set[str] | None = None
+) -> None:
+    """Move a committed unit's staged files into the tables (images first); idempotent.
+    ``present``: the staged files, when the caller has just listed them."""
+    staged = staging_root(root, unit.run_id, unit.stem)
+    if present is None:
+        present = _staged_files(fs, root, unit)
     for table in TABLES:
         for rel in unit.files.get(table, []):
             source, target = f"{staged}/{rel}", f"{root}/{rel}"
-            if retrying(fs.exists, source):
+            if rel in present:
                 move(fs, source, target)
             elif not retrying(fs.exists, target):
                 raise RuntimeError(
                     f"unit {unit.stem} of run {unit.run_id}: {rel} is neither staged nor published"
                 )
-    if retrying(fs.exists, staged):
+    if present or retrying(fs.exists, staged):
         retrying(fs.rm, staged, recursive=True)
 
 
@@ -154,8 +170,8 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, text: str) -> None:
 def units(output: str, run_id: str, chunk: int = 1000) -> Iterator[Unit]:
     """The committed units of a run, read from their markers (one small object each; read
     ``chunk`` at a time, concurrently where the filesystem can)."""
-    fs, root = fsspec.core.url_to_fs(output)
-    folder = f"{root.rstrip('/')}/{COMMITS_DIR}/{run_id}"
+    fs, root = fs_root(output)
+    folder = f"{root}/{COMMITS_DIR}/{run_id}"
     fs.invalidate_cache()  # listings cached earlier in this process may be stale
     if not fs.exists(folder):
         return
@@ -169,8 +185,7 @@ def units(output: str, run_id: str, chunk: int = 1000) -> Iterator[Unit]:
 def recover(output: str, run_id: str) -> tuple[int, int]:
     """Finish what a killed attempt left: publish committed units still staged, delete
     uncommitted ones. Returns (units finished, units discarded)."""
-    fs, root = fsspec.core.url_to_fs(output)
-    root = root.rstrip("/")
+    fs, root = fs_root(output)
     folder = f"{root}/{STAGING_DIR}/{run_id}"
     finished = discarded = 0
     fs.invalidate_cache()
@@ -200,8 +215,7 @@ def delete_run(output: str, run_id: str, extra: list[str]) -> None:
     """Remove a run's rows and bookkeeping: its instances files, then its images files (so
     that no instance is ever left without its image), then its markers and staging, then
     ``extra`` (paths relative to the output: the run record, the listing, ...)."""
-    fs, root = fsspec.core.url_to_fs(output)
-    root = root.rstrip("/")
+    fs, root = fs_root(output)
     listed = list(units(output, run_id))
     for table in reversed(TABLES):
         paths = [f"{root}/{rel}" for unit in listed for rel in unit.files.get(table, [])]

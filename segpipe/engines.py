@@ -14,8 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from segpipe.schema import IMAGES_SCHEMA, INSTANCES_SCHEMA
-from segpipe.writer import IMAGES_DIR, INSTANCES_DIR
+from segpipe.schema import IMAGES_DIR, IMAGES_SCHEMA, INSTANCES_DIR, INSTANCES_SCHEMA
 
 ENGINES = ("athena", "trino", "bigquery", "spark")
 SCHEMAS = {IMAGES_DIR: IMAGES_SCHEMA, INSTANCES_DIR: INSTANCES_SCHEMA}

@@ -26,6 +26,7 @@ import psutil
 
 from segpipe.commit import atomic_write
 from segpipe.io import redact, retrying
+from segpipe.record import RUNS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class LeaseError(ValueError):
 
 
 def lease_path(root: str, run_id: str) -> str:
-    return f"{root}/_runs/{run_id}.lease.json"
+    return f"{root}/{RUNS_DIR}/{run_id}.lease.json"
 
 
 class RunLease:

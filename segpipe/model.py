@@ -177,13 +177,7 @@ def build_model(cfg: ModelConfig) -> tuple[nn.Module, WeightsInfo]:
         info = described("torchvision", str(r.member), None, categories)
     elif r.checkpoint is not None:
         checkpoint = r.checkpoint
-        num_classes = _num_classes(checkpoint.state_dict, cfg.weights)
-        names = checkpoint.categories
-        if cfg.categories is not None:
-            names = load_categories(cfg.categories)
-        categories = _category_names(names, num_classes, cfg.weights)
-        model = builder(weights=None, weights_backbone=None, num_classes=num_classes)
-        _load_state_dict(model, checkpoint.state_dict, cfg.weights, r.arch)
+        model, categories = _from_checkpoint(cfg, checkpoint, r.arch, builder)
         if r.arch == "maskrcnn_resnet50_fpn" and checkpoint.sha256.startswith(
             _TORCHVISION_V1_COCO_SHA256_PREFIX
         ):
@@ -394,12 +388,25 @@ def _check_fits(cfg: ModelConfig, checkpoint: Checkpoint, arch: str) -> None:
     """Load the checkpoint into the arch's skeleton built on the meta device (no memory, no
     arithmetic; 0.04 s for R50-FPN): a state dict that does not fit the arch, or category names
     that do not match its class count, fail here on the driver, before any worker starts."""
+    with torch.device("meta"):
+        _from_checkpoint(cfg, checkpoint, arch, _BUILDERS[arch], assign=True)
+
+
+def _from_checkpoint(
+    cfg: ModelConfig,
+    checkpoint: Checkpoint,
+    arch: str,
+    builder: Callable[..., nn.Module],
+    assign: bool = False,
+) -> tuple[nn.Module, tuple[str, ...]]:
+    """The model ``builder`` makes, with the checkpoint's weights, and its category names
+    (the checkpoint's, or ``cfg.categories``'s), checked against its class count."""
     num_classes = _num_classes(checkpoint.state_dict, cfg.weights)
     names = load_categories(cfg.categories) if cfg.categories else checkpoint.categories
-    _category_names(names, num_classes, cfg.weights)
-    with torch.device("meta"):
-        skeleton = _BUILDERS[arch](weights=None, weights_backbone=None, num_classes=num_classes)
-    _load_state_dict(skeleton, checkpoint.state_dict, cfg.weights, arch, assign=True)
+    categories = _category_names(names, num_classes, cfg.weights)
+    model = builder(weights=None, weights_backbone=None, num_classes=num_classes)
+    _load_state_dict(model, checkpoint.state_dict, cfg.weights, arch, assign=assign)
+    return model, categories
 
 
 def _zero_batchnorm_eps(model: nn.Module) -> None:

@@ -50,6 +50,7 @@ from segpipe.lease import RunLease
 from segpipe.model import SHIPPED_WEIGHTS, fingerprint_weights
 from segpipe.record import (
     RUNS_DIR,
+    metrics_rel,
     now,
     public_config,
     read_record,
@@ -57,8 +58,9 @@ from segpipe.record import (
     versions,
     write_record,
 )
+from segpipe.schema import IMAGES_DIR, INSTANCES_DIR
 from segpipe.stages import Segment, load_batch, with_image_ids
-from segpipe.writer import IMAGES_DIR, INSTANCES_DIR, arrow_filesystem, write_rows
+from segpipe.writer import arrow_filesystem, write_rows
 
 log = logging.getLogger(__name__)
 
@@ -221,10 +223,6 @@ def _listing(cfg: RunConfig, previous: dict[str, Any] | None) -> int | None:
     atomic_write(fs, done, json.dumps({"images": listed}))
     log.info("listed %d images from %d inputs", listed, len(cfg.inputs))
     return listed
-
-
-def metrics_rel(run_id: str) -> str:
-    return f"{RUNS_DIR}/{run_id}.metrics.json"
 
 
 # What must not change between the attempts of one run (keys of the run record's config).

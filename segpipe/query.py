@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from segpipe.encode import decode_mask
-from segpipe.writer import IMAGES_DIR, INSTANCES_DIR
+from segpipe.schema import IMAGES_DIR, INSTANCES_DIR
 
 MACROS = (
     "CREATE OR REPLACE MACRO box_area(x0, y0, x1, y1) AS (x1 - x0) * (y1 - y0)",

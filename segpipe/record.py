@@ -27,9 +27,14 @@ def record_uri(output: str, run_id: str) -> str:
     return f"{output.rstrip('/')}/{RUNS_DIR}/{run_id}.json"
 
 
+def metrics_rel(run_id: str) -> str:
+    """Where ``segpipe eval`` writes a run's COCO metrics, relative to the output: beside
+    its run record."""
+    return f"{RUNS_DIR}/{run_id}.metrics.json"
+
+
 def metrics_uri(output: str, run_id: str) -> str:
-    """Where ``segpipe eval`` writes a run's COCO metrics: beside its run record."""
-    return f"{output.rstrip('/')}/{RUNS_DIR}/{run_id}.metrics.json"
+    return f"{output.rstrip('/')}/{metrics_rel(run_id)}"
 
 
 def versions() -> dict[str, str]:

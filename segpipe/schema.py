@@ -25,6 +25,10 @@ import hashlib
 
 import pyarrow as pa
 
+# The two tables' folders under an output (``<output>/images/``, ``<output>/instances/``).
+IMAGES_DIR = "images"
+INSTANCES_DIR = "instances"
+
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 

@@ -66,11 +66,10 @@ def load_batch(batch: Batch, decode: DecodeConfig, io_threads: int = 16) -> Batc
     uris: list[str] = []
     bad: dict[int, DecodeError] = {}
     for i, raw in enumerate(batch["uri"]):
-        try:
-            uris.append(canonical_uri(str(raw)))
-        except ValueError as exc:
-            uris.append(str(raw))
-            bad[i] = DecodeError(BAD_URI, str(exc))
+        uri, problem = _canonical(raw)
+        uris.append(uri)
+        if problem is not None:
+            bad[i] = DecodeError(BAD_URI, problem)
 
     def get(i: int) -> bytes | DecodeError:
         return bad[i] if i in bad else fetch(uris[i])
@@ -106,14 +105,16 @@ def load_batch(batch: Batch, decode: DecodeConfig, io_threads: int = 16) -> Batc
 def with_image_ids(batch: Batch) -> Batch:
     """The batch with ``image_id`` added, computed as :func:`load_batch` will (from the
     canonical URI, or from the text as given when it is not a valid one)."""
-    ids = []
-    for raw in batch["uri"]:
-        try:
-            uri = canonical_uri(str(raw))
-        except ValueError:
-            uri = str(raw)
-        ids.append(image_id(uri))
+    ids = [image_id(_canonical(raw)[0]) for raw in batch["uri"]]
     return {**batch, "image_id": np.array(ids, dtype=object)}
+
+
+def _canonical(raw: object) -> tuple[str, str | None]:
+    """The canonical URI, or the text as given and why it is not a valid one."""
+    try:
+        return canonical_uri(str(raw)), None
+    except ValueError as exc:
+        return str(raw), str(exc)
 
 
 class Segment:

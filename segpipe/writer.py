@@ -31,11 +31,8 @@ from segpipe.commit import (
     staging_root,
 )
 from segpipe.io import is_local, retrying
-from segpipe.schema import STATUS_OK
+from segpipe.schema import IMAGES_DIR, INSTANCES_DIR, STATUS_OK
 from segpipe.stages import split_tables
-
-IMAGES_DIR = "images"
-INSTANCES_DIR = "instances"
 
 
 def arrow_filesystem(output: str) -> tuple[PyFileSystem, str]:
@@ -53,14 +50,15 @@ def write_table(
     file_stem: str,
 ) -> list[str]:
     """Write ``table`` under ``<output>/<name>/``; returns the paths written."""
-    filesystem, root = arrow_filesystem(output)
+    fs, root = fsspec.core.url_to_fs(output)
+    root = root.rstrip("/")
     columns = [c for c in partition_by if c in table.column_names]
     written: list[str] = []
     pds.write_dataset(
         table,
         base_dir=f"{root}/{name}",
         format="parquet",
-        filesystem=filesystem,
+        filesystem=PyFileSystem(FSSpecHandler(fs)),
         partitioning=columns or None,
         partitioning_flavor="hive" if columns else None,
         basename_template=f"{file_stem}-{{i}}.parquet",
@@ -68,7 +66,7 @@ def write_table(
         file_visitor=lambda f: written.append(f.path),
         # Object stores have no folders; asking for them costs requests (and can make
         # s3fs try to create the bucket).
-        create_dir=is_local(fsspec.core.url_to_fs(output)[0]),
+        create_dir=is_local(fs),
     )
     return written
 

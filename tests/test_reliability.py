@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import duckdb
 import fsspec
 import numpy as np
 import psutil
@@ -166,17 +167,24 @@ def command_lines(pid: int) -> list[str]:
     return lines
 
 
+def instance_counts(con: duckdb.DuckDBPyConnection) -> tuple[int, int, int]:
+    """Instance rows, distinct instance keys, and the instances the images rows claim."""
+    found = con.execute(
+        "SELECT (SELECT count(*) FROM instances), "
+        "(SELECT count(DISTINCT (image_id, instance_id)) FROM instances), "
+        "(SELECT sum(num_instances) FROM images)"
+    ).fetchone()
+    assert found is not None
+    return found[0], found[1], found[2]
+
+
 def test_killed_run_resumes_to_exactly_one_row_per_input(resumed: Scenario) -> None:
     con = connect(resumed.output)
     total, distinct = con.execute("SELECT count(*), count(DISTINCT uri) FROM images").fetchone()
     assert (total, distinct) == (len(resumed.inputs), len(resumed.inputs))
     uris = {r[0] for r in con.execute("SELECT uri FROM images").fetchall()}
     assert uris == set(resumed.inputs)
-    rows, keys, claimed = con.execute(
-        "SELECT (SELECT count(*) FROM instances), "
-        "(SELECT count(DISTINCT (image_id, instance_id)) FROM instances), "
-        "(SELECT sum(num_instances) FROM images)"
-    ).fetchone()
+    rows, keys, claimed = instance_counts(con)
     assert rows == keys == claimed > 0
     orphans = con.execute(
         "SELECT count(*) FROM instances n ANTI JOIN images i USING (image_id)"
@@ -295,11 +303,7 @@ def test_a_killed_model_actor_costs_nothing(
     assert all(not psutil.pid_exists(pid) for pid in killed)
     con = connect(str(output))
     assert con.execute("SELECT count(*), count(DISTINCT uri) FROM images").fetchone() == (24, 24)
-    rows, keys, claimed = con.execute(
-        "SELECT (SELECT count(*) FROM instances), "
-        "(SELECT count(DISTINCT (image_id, instance_id)) FROM instances), "
-        "(SELECT sum(num_instances) FROM images)"
-    ).fetchone()
+    rows, keys, claimed = instance_counts(con)
     assert rows == keys == claimed
 
     # The same run again: refused without a flag, replaced with --overwrite.
