@@ -137,7 +137,7 @@ def publish(
                 raise RuntimeError(
                     f"unit {unit.stem} of run {unit.run_id}: {rel} is neither staged nor published"
                 )
-    if present or retrying(fs.exists, staged):
+    with contextlib.suppress(FileNotFoundError):  # on S3 the moves may have emptied it
         retrying(fs.rm, staged, recursive=True)
 
 
