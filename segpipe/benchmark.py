@@ -108,21 +108,29 @@ def jpeg_images(cfg: BenchConfig, count: int) -> Iterator[tuple[str, bytes]]:
 
 
 def fixed_detections(cfg: BenchConfig) -> Detections:
-    """``detections`` rectangles on a grid, each about 1/5 of the image on a side."""
+    """``detections`` rectangles on a grid, each about 1/5 of the image on a side, as the
+    model returns them: each mask a window a little larger than its box."""
     n, h, w = cfg.detections, cfg.height, cfg.width
-    masks = np.zeros((n, h, w), dtype=bool)
-    boxes = np.zeros((n, 4), dtype=np.float32)
     bw, bh = max(1, w // 5), max(1, h // 5)
+    boxes = np.zeros((n, 4), dtype=np.float32)
+    origins = np.zeros((n, 2), dtype=np.int32)
+    windows = []
     for k in range(n):
         x0 = (k * 37) % max(1, w - bw)
         y0 = (k * 53) % max(1, h - bh)
-        masks[k, y0 : y0 + bh, x0 : x0 + bw] = True
         boxes[k] = (x0, y0, x0 + bw, y0 + bh)
+        wx0, wy0 = max(0, x0 - 2), max(0, y0 - 2)
+        window = np.zeros((min(h, y0 + bh + 2) - wy0, min(w, x0 + bw + 2) - wx0), dtype=bool)
+        window[y0 - wy0 : y0 - wy0 + bh, x0 - wx0 : x0 - wx0 + bw] = True
+        windows.append(window)
+        origins[k] = (wx0, wy0)
     return Detections(
         boxes=boxes,
         labels=np.ones(n, dtype=np.int64),
         scores=np.linspace(0.99, 0.5, n).astype(np.float32),
-        masks=masks,
+        masks=windows,
+        mask_origins=origins,
+        image_size=(h, w),
     )
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from segpipe.encode import Detections, encode_masks
+from segpipe.encode import Detections, encode_detections
 from segpipe.query import iter_rows, pick_run
 
 # The 12 numbers COCOeval.summarize() prints, in its order.
@@ -141,8 +141,8 @@ def detection_results(
 ) -> list[dict[str, Any]]:
     """One image's detections (straight from the model) as COCO results, encoded exactly as
     the pipeline encodes them."""
-    counts, _ = encode_masks(detections.masks, detections.boxes)
-    height, width = detections.masks.shape[1:]
+    counts, _ = encode_detections(detections)
+    height, width = detections.image_size
     results = []
     for box, label, score, rle in zip(
         detections.boxes, detections.labels, detections.scores, counts, strict=True

@@ -7,6 +7,7 @@ Plan (Ray Data, streaming end to end; no step holds the whole dataset)::
       -> repartition(target_num_rows_per_block=load_batch)  small blocks, so decoding spreads
       -> load_batch                                         CPU tasks: read bytes + decode
       -> Segment                                            actor pool: Mask R-CNN, GPU if any
+      -> encode_rows                                        CPU tasks: mask windows -> COCO RLE
       -> _TablesSink                                        write tasks: Parquet, both tables
 
 Each write task gets at least ``images_per_file`` images, which bounds the number of files
@@ -59,7 +60,7 @@ from segpipe.record import (
     write_record,
 )
 from segpipe.schema import IMAGES_DIR, INSTANCES_DIR
-from segpipe.stages import Segment, load_batch, with_image_ids
+from segpipe.stages import Segment, encode_rows, load_batch, with_image_ids
 from segpipe.writer import arrow_filesystem, write_rows
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ LISTING_DIR = "_listing"
 LISTING_DONE = "_COMPLETE.json"  # written once every listing shard is
 DELETING = "deleting"  # a run record's status while --overwrite deletes the old run
 DECODE_TASK_MEMORY = 256 * 1024**2
+ENCODE_TASK_MEMORY = 128 * 1024**2
 
 
 class OutputError(ValueError):
@@ -315,7 +317,7 @@ def _build(cfg: RunConfig, plan: ActorPlan, done_files: list[str] | None = None)
         # which should spend their time on inference only.
         memory=DECODE_TASK_MEMORY,
     )
-    return ds.map_batches(
+    ds = ds.map_batches(
         Segment,
         fn_constructor_kwargs={
             "model": cfg.model,
@@ -327,6 +329,12 @@ def _build(cfg: RunConfig, plan: ActorPlan, done_files: list[str] | None = None)
         compute=ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
         num_gpus=plan.gpus_per_actor,
         num_cpus=plan.cpus_per_actor,
+    )
+    # Run-length encoding in CPU tasks, off the model actors, one actor batch at a time: the
+    # reservation (differing from the write tasks') keeps Ray from fusing it into the write,
+    # whose input bundles hold images_per_file images of unencoded mask windows.
+    return ds.map_batches(
+        encode_rows, batch_format="pyarrow", batch_size=None, num_cpus=1, memory=ENCODE_TASK_MEMORY
     )
 
 

@@ -11,8 +11,11 @@ Columns between steps:
   ``status``, ``error_code``, ``error`` (str, "" when ok) and ``pixels`` (uint8 (H, W, 3); an
   empty (0, 0, 3) array for images that failed).
 - after :class:`Segment`: a ``pyarrow.Table`` with one row per image: the ``images`` columns,
-  the extra columns, and ``instances``, a list of structs (:data:`INSTANCE_STRUCT`) holding
-  the image's detections. :func:`split_tables` turns it into the two output tables.
+  the extra columns, and ``instances``, a list of structs (:data:`WINDOWED_STRUCT`) holding
+  the image's detections, each mask as its packed window (``encode.MASK_WINDOW_FIELDS``).
+- after :func:`encode_rows` (CPU tasks, so the model actors never wait for it): the same,
+  with ``instances`` as :data:`INSTANCE_STRUCT`, masks as COCO RLE.
+  :func:`split_tables` turns it into the two output tables.
 """
 
 from __future__ import annotations
@@ -27,7 +30,15 @@ import pyarrow.compute as pc
 
 from segpipe.config import DecodeConfig, ModelConfig
 from segpipe.decode import DecodedImage, DecodeError, decode_image
-from segpipe.encode import Detections, ImageRecord, ImageRef, images_table, instances_table
+from segpipe.encode import (
+    WINDOWED_SCHEMA,
+    Detections,
+    ImageRecord,
+    ImageRef,
+    encode_windows,
+    images_table,
+    windowed_instances_table,
+)
 from segpipe.inputs import canonical_uri
 from segpipe.io import read_bytes, redact
 from segpipe.schema import INSTANCES_SCHEMA, STATUS_ERROR, STATUS_OK, image_id
@@ -45,6 +56,7 @@ MODEL_ERROR = "model_error"
 # Columns an instance row takes from its image rather than from the detection.
 _IMAGE_LEVEL = {"run_id", "image_id", "uri", "image_width", "image_height"}
 INSTANCE_STRUCT = pa.struct([f for f in INSTANCES_SCHEMA if f.name not in _IMAGE_LEVEL])
+WINDOWED_STRUCT = pa.struct([f for f in WINDOWED_SCHEMA if f.name not in _IMAGE_LEVEL])
 # Columns load_batch adds; anything else in a batch is carried through to the images table.
 _LOAD_COLUMNS = ("image_id", "width", "height", "status", "error_code", "error", "pixels")
 
@@ -165,7 +177,8 @@ class Segment:
 def image_rows(
     batch: Batch, run_id: str, detections: dict[int, Detections], categories: Sequence[str]
 ) -> pa.Table:
-    """The per-image table for a loaded batch, given detections for its decoded rows."""
+    """The per-image table for a loaded batch, given detections for its decoded rows; the
+    nested instances hold mask windows (:data:`WINDOWED_STRUCT`), for :func:`encode_rows`."""
     records: list[ImageRecord] = []
     refs: list[ImageRef] = []
     counts = np.zeros(len(batch["uri"]), dtype=np.int32)
@@ -179,10 +192,10 @@ def image_rows(
             size = (width, height) if width >= 0 else (None, None)
             err = DecodeError(str(batch["error_code"][i]), str(batch["error"][i]), *size)
             records.append(ImageRecord.failed(run_id, str(iid), str(uri), err))
-    flat = instances_table(refs, [detections[i] for i in sorted(detections)], categories)
+    flat = windowed_instances_table(refs, [detections[i] for i in sorted(detections)], categories)
     struct = pa.StructArray.from_arrays(
-        [flat.column(name).combine_chunks() for name in INSTANCE_STRUCT.names],
-        fields=list(INSTANCE_STRUCT),
+        [flat.column(name).combine_chunks() for name in WINDOWED_STRUCT.names],
+        fields=list(WINDOWED_STRUCT),
     )
     offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
     table = images_table(records)
@@ -191,8 +204,32 @@ def image_rows(
     return table.append_column("instances", pa.ListArray.from_arrays(offsets, struct))
 
 
+def encode_rows(rows: pa.Table) -> pa.Table:
+    """Per-image rows from :func:`image_rows` with each mask window run-length encoded
+    (:data:`INSTANCE_STRUCT`); rows already encoded are returned as they are."""
+    index = rows.schema.get_field_index("instances")
+    nested = rows.column(index).combine_chunks()
+    if nested.type.value_type == INSTANCE_STRUCT:
+        return rows
+    windows = nested.flatten()
+    parents = pc.list_parent_indices(nested)
+    heights = rows.column("height").take(parents).to_numpy(zero_copy_only=False)
+    widths = rows.column("width").take(parents).to_numpy(zero_copy_only=False)
+    rle, area = encode_windows(windows, heights, widths)
+    encoded = {"mask_rle": rle, "mask_area": area}
+    struct = pa.StructArray.from_arrays(
+        [encoded[n] if n in encoded else windows.field(n) for n in INSTANCE_STRUCT.names],
+        fields=list(INSTANCE_STRUCT),
+    )
+    offsets = nested.offsets
+    if nested.offset:  # a sliced list: offsets into the flattened values start at zero
+        offsets = pc.subtract(offsets, offsets[0])
+    return rows.set_column(index, "instances", pa.ListArray.from_arrays(offsets, struct))
+
+
 def split_tables(rows: pa.Table) -> tuple[pa.Table, pa.Table]:
     """Per-image rows with nested detections -> (images table, instances table)."""
+    rows = encode_rows(rows)
     images = rows.drop_columns(["instances"])
     nested = rows.column("instances").combine_chunks()
     flat = pc.list_flatten(nested)

@@ -19,8 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_fixed_detections_and_non_model_stages() -> None:
     cfg = BenchConfig(width=64, height=48, detections=7, images=3)
     det = fixed_detections(cfg)
-    assert det.masks.shape == (7, 48, 64) and len(det) == 7
-    for mask, box in zip(det.masks, det.boxes, strict=True):
+    assert det.full_masks().shape == (7, 48, 64) and len(det) == 7
+    for mask, box in zip(det.full_masks(), det.boxes, strict=True):
         ys, xs = np.nonzero(mask)
         assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == tuple(box)
     stages = bench_non_model(cfg, list(jpeg_images(cfg, 3)))

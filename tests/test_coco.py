@@ -77,7 +77,7 @@ def test_a_shifted_copy_scores_what_pycocotools_gives(
     results = []
     for image_id, image in enumerate(generate(SEED, COUNT), 1):
         det = ground_truth_detections(image, shift=4)
-        for mask, label, score in zip(det.masks, det.labels, det.scores, strict=True):
+        for mask, label, score in zip(det.full_masks(), det.labels, det.scores, strict=True):
             rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
             results.append(
                 {

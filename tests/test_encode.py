@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pycocotools import mask as mask_utils
 
 from segpipe.decode import DecodeError
 from segpipe.encode import (
@@ -17,6 +18,7 @@ from segpipe.encode import (
     ImageRef,
     decode_mask,
     encode_masks,
+    encode_window,
     images_table,
     instances_table,
 )
@@ -39,7 +41,7 @@ def random_masks(n: int, height: int, width: int, seed: int = 0) -> np.ndarray:
 def detections(masks: np.ndarray, scores: list[float], labels: list[int]) -> Detections:
     n, height, width = masks.shape
     boxes = np.tile(np.array([1.5, 2.5, width - 1.0, height - 2.0], dtype=np.float32), (n, 1))
-    return Detections(
+    return Detections.from_full_masks(
         boxes=boxes,
         labels=np.array(labels, dtype=np.int64),
         scores=np.array(scores, dtype=np.float32),
@@ -94,7 +96,7 @@ def test_rows_are_ordered_by_score_with_rank_ids() -> None:
 
 
 def test_zero_detections_keep_the_schema() -> None:
-    empty = Detections(
+    empty = Detections.from_full_masks(
         boxes=np.zeros((0, 4), np.float32),
         labels=np.zeros(0, np.int64),
         scores=np.zeros(0, np.float32),
@@ -112,7 +114,7 @@ def test_zero_detections_keep_the_schema() -> None:
 
 def test_mask_size_must_match_the_image() -> None:
     det = detections(random_masks(1, 20, 30), [0.5], [1])
-    with pytest.raises(ValueError, match="image is 30x20"):
+    with pytest.raises(ValueError, match="are for a 30x20 image, image is 20x30"):
         instances_table([ImageRef("r", "i", "u", width=20, height=30)], [det], CATEGORIES)
 
 
@@ -156,31 +158,36 @@ def test_parquet_read_back_through_duckdb(tmp_path: Path) -> None:
         assert area == original.sum()
 
 
-def test_encoding_near_the_boxes_gives_the_same_rle() -> None:
-    """The strip encoder (masks with their boxes) equals pycocotools on whole masks, whether
-    or not the boxes hold the masks, at edges, for empty and full masks."""
+def test_encoding_from_windows_equals_pycocotools_on_whole_masks() -> None:
+    """A mask encoded from its window, wherever the window lies (at the image's edges and
+    corners, larger than the mask, empty, 1 pixel), gives pycocotools' RLE of the whole mask."""
     rng = np.random.default_rng(7)
-    for _ in range(200):
+    for _ in range(300):
         height, width = (int(v) for v in rng.integers(1, 40, 2))
-        n = int(rng.integers(1, 5))
-        masks = rng.random((n, height, width)) < rng.random()
-        if rng.random() < 0.5:  # objects inside rectangles, like real detections
-            masks[:] = False
-            for k in range(n):
-                x0, y0 = rng.integers(0, width), rng.integers(0, height)
-                x1, y1 = rng.integers(x0, width + 1), rng.integers(y0, height + 1)
-                masks[k, y0:y1, x0:x1] = rng.random((y1 - y0, x1 - x0)) < 0.7
-        x0s = rng.uniform(-5, width, n)
-        boxes = np.stack(
-            [x0s, np.zeros(n), np.maximum(x0s, rng.uniform(0, width + 5, n)), np.full(n, height)],
-            axis=1,
-        ).astype(np.float32)
-        whole = encode_masks(masks)
-        near = encode_masks(masks, boxes)
-        assert near[0] == whole[0]
-        assert np.array_equal(near[1], whole[1])
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        x1, y1 = int(rng.integers(x0, width + 1)), int(rng.integers(y0, height + 1))
+        window = rng.random((y1 - y0, x1 - x0)) < rng.choice([0.0, 0.3, 0.8, 1.0])
+        whole = np.zeros((height, width), dtype=np.uint8)
+        whole[y0:y1, x0:x1] = window
+        expected = mask_utils.encode(np.asfortranarray(whole))
+        counts, area = encode_window(window, x0, y0, height, width)
+        assert counts == expected["counts"].decode("ascii"), (height, width, x0, y0, x1, y1)
+        assert area == whole.sum()
     full = np.ones((2, 5, 7), dtype=bool)
-    assert (
-        encode_masks(full, np.array([[0, 0, 7, 5], [2, 1, 3, 2]], np.float32))[0]
-        == (encode_masks(full)[0])
+    assert encode_masks(full)[0] == [
+        mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))["counts"].decode() for m in full
+    ]
+
+
+def test_windows_must_lie_inside_the_image() -> None:
+    args = dict(
+        boxes=np.zeros((1, 4), np.float32),
+        labels=np.ones(1, np.int64),
+        scores=np.ones(1, np.float32),
+        image_size=(10, 20),
     )
+    Detections(masks=[np.ones((10, 20), bool)], mask_origins=np.zeros((1, 2), np.int32), **args)
+    with pytest.raises(ValueError, match="not inside the 20x10 image"):
+        Detections(masks=[np.ones((3, 3), bool)], mask_origins=np.array([[18, 0]]), **args)
+    with pytest.raises(ValueError, match="need 1 mask windows"):
+        Detections(masks=[], mask_origins=np.zeros((0, 2), np.int32), **args)

@@ -326,7 +326,7 @@ def test_a_killed_model_actor_costs_nothing(
 def unit_rows(run_id: str, n: int, labels: tuple[str, ...] = ("background", "thing")) -> object:
     masks = np.zeros((1, 8, 8), dtype=bool)
     masks[0, 2:5, 2:5] = True
-    det = Detections(
+    det = Detections.from_full_masks(
         boxes=np.array([[2, 2, 5, 5]], dtype=np.float32),
         labels=np.array([1]),
         scores=np.array([0.9], dtype=np.float32),
