@@ -3,7 +3,8 @@
 One run measures, on the same generated JPEGs (``width`` x ``height``):
 
 1. **bare**: the model alone, batched, on tensors decoded beforehand and already on the
-   device (``model(batch)`` only; CUDA synchronised).
+   device: ``Segmenter.detect``, what a model actor runs per batch (the model under the
+   configured precision, its masks as windows, results copied to the host).
 2. **pipeline**: ``segpipe run`` end to end, from the embedded S3 server (moto on loopback)
    to Parquet on it, Ray start-up included, and again over ``scale`` times more images.
 3. **non-model stages**: decode + encode + write in one process (one CPU core), with a
@@ -196,15 +197,14 @@ def bench_bare(cfg: BenchConfig, files: list[tuple[str, bytes]]) -> tuple[float,
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    with torch.inference_mode():
-        segmenter.model(batches[0])  # warm-up (allocator, cudnn autotuning, lazy init)
-        sync()
-        started = time.perf_counter()
-        for batch in batches:
-            out = segmenter.model(batch)
-        sync()
-        seconds = time.perf_counter() - started
-    found = len(out[-1]["scores"])
+    segmenter.detect(batches[0])  # warm-up (allocator, cudnn autotuning, lazy init)
+    sync()
+    started = time.perf_counter()
+    for batch in batches:
+        out = segmenter.detect(batch)
+    sync()
+    seconds = time.perf_counter() - started
+    found = len(out[-1])
     if found != cfg.detections:
         print(f"bench: note: the model returned {found} detections, not {cfg.detections}")
     name = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
@@ -222,6 +222,8 @@ def model_config(cfg: BenchConfig) -> ModelConfig:
         max_size=max(cfg.width, cfg.height),
         score_threshold=0.0,
         max_detections=cfg.detections,
+        precision=cfg.precision,
+        channels_last=cfg.channels_last,
     )
 
 
@@ -243,6 +245,7 @@ def bench_pipeline(cfg: BenchConfig, count: int, run: int) -> PipelineFigures:
         model=model_config(cfg),
         batch_size=cfg.batch_size,
         cpus_per_actor=cfg.cpus_per_actor,
+        gpus_per_actor=cfg.gpus_per_actor or None,
         torch_threads=cfg.torch_threads or torch.get_num_threads(),
     )
     with _peak_memory() as peaks:

@@ -23,6 +23,7 @@ import fsspec
 from segpipe.config import (
     ARCH_CHOICES,
     DEVICES,
+    PRECISIONS,
     BenchConfig,
     DecodeConfig,
     ModelConfig,
@@ -43,6 +44,9 @@ _MODEL_KEYS = (
     "score_threshold",
     "mask_threshold",
     "max_detections",
+    "precision",
+    "channels_last",
+    "cudnn_benchmark",
 )
 _DECODE_KEYS = ("max_pixels",)
 _RUN_KEYS = (
@@ -121,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--mask-threshold", type=float, help="default 0.5")
     model.add_argument("--max-detections", type=int, help="per image (default 100)")
     model.add_argument("--max-pixels", type=int, help="refuse larger images (default 50e6)")
+    model.add_argument("--precision", choices=PRECISIONS, help="autocast (default fp32)")
+    model.add_argument(
+        "--channels-last", action="store_true", default=None, help="channels-last convolutions"
+    )
+    model.add_argument(
+        "--cudnn-benchmark", action="store_true", default=None, help="cuDNN autotuning (CUDA)"
+    )
     scale = run.add_argument_group("scale")
     scale.add_argument("--batch-size", type=int, help="images per model call (default 4)")
     scale.add_argument("--load-batch-size", type=int, help="images per decode task (default 16)")
@@ -178,7 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="bare model vs whole pipeline vs non-model stages")
     for name, value in asdict(BenchConfig()).items():
-        bench.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(value, bool):
+            bench.add_argument(flag, action="store_true", default=value)
+        else:
+            bench.add_argument(flag, type=type(value), default=value)
     bench.add_argument("--json", metavar="PATH", help="also write the figures as JSON here")
 
     demo = sub.add_parser("demo", help="the whole job on generated images in a local S3")

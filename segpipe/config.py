@@ -11,6 +11,7 @@ ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_tiny_fpn
 # ``auto``: the arch a checkpoint records, else the first of ARCHS.
 ARCH_CHOICES = ("auto", *ARCHS)
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "fp16")
 # Low-cardinality columns it makes sense to make folders of. ``label`` partitions only the
 # instances table; ``status`` only the images table.
 PARTITION_COLUMNS = ("run_id", "label", "label_id", "status")
@@ -48,10 +49,19 @@ class ModelConfig:
     score_threshold: float = 0.05  # drop detections scoring below this (box_score_thresh)
     mask_threshold: float = 0.5  # a mask pixel is set where its probability is > this
     max_detections: int = 100  # keep at most this many detections per image
+    # Speed levers, measured in BENCHMARKS.md: run the model under bf16/fp16 autocast (box
+    # and mask geometry stays float32), with channels-last convolutions, with cuDNN autotuning.
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    channels_last: bool = False
+    cudnn_benchmark: bool = False
 
     def __post_init__(self) -> None:
         if self.arch not in ARCH_CHOICES:
             raise ValueError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCH_CHOICES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}"
+            )
         if self.device not in DEVICES:
             raise ValueError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
         for name in ("min_size", "max_size"):
@@ -185,7 +195,10 @@ class BenchConfig:
     images: int = 8
     scale: int = 10  # the scaling run uses images * scale; 1 skips it
     cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0  # 0: the pipeline's default (1 when there are GPUs); 0.5: two
     torch_threads: int = 0  # the pipeline's model actor; 0: as many as the bare model uses
+    precision: str = "fp32"  # the model's levers, in both the bare model and the pipeline
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         for name in ("width", "height", "batch_size", "detections", "images", "scale"):

@@ -428,6 +428,28 @@ def _zero_batchnorm_eps(model: nn.Module) -> None:
             module.eps = 0.0
 
 
+def _keep_geometry_float32(model: Any) -> None:
+    """Under bf16/fp16 autocast, keep coordinates in float32: torchvision makes anchors in the
+    feature maps' dtype and decodes boxes in the regression output's dtype, and bf16 holds
+    only 8 significant bits (x = 1000 would move in steps of 8 pixels). The heads' outputs
+    (small tensors) are cast to float32 and the anchor generator sees float32 feature maps
+    (zero-copy stand-ins of the same shape); the convolutions stay in reduced precision."""
+
+    def outputs_float(_module: nn.Module, _args: Any, output: Any) -> Any:
+        if isinstance(output, torch.Tensor):
+            return output.float()
+        return type(output)(outputs_float(_module, _args, o) for o in output)
+
+    def anchors_from_float(_module: nn.Module, args: Any) -> Any:
+        image_list, feature_maps = args
+        stand_ins = [torch.zeros((), device=f.device).expand(f.shape) for f in feature_maps]
+        return image_list, stand_ins
+
+    model.rpn.anchor_generator.register_forward_pre_hook(anchors_from_float)
+    for head in (model.rpn.head, model.roi_heads.box_predictor, model.roi_heads.mask_predictor):
+        head.register_forward_hook(outputs_float)
+
+
 class Segmenter:
     """Mask R-CNN loaded once; call it on a batch of RGB uint8 images."""
 
@@ -437,13 +459,21 @@ class Segmenter:
         self.device = resolve_device(cfg.device)
         model, self.weights = build_model(cfg)
         self.model = model.to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        if cfg.precision != "fp32":
+            _keep_geometry_float32(self.model)
+        if cfg.cudnn_benchmark and self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
         self.categories = self.weights.categories
         log.info(
-            "loaded %s (%s weights %s) on %s in %.1f s",
+            "loaded %s (%s weights %s) on %s (%s%s) in %.1f s",
             self.weights.arch,
             self.weights.kind,
             self.weights.name,
             self.device,
+            cfg.precision,
+            ", channels-last" if cfg.channels_last else "",
             time.perf_counter() - started,
         )
 
@@ -451,10 +481,24 @@ class Segmenter:
         if not images:
             return []
         tensors = [self._to_tensor(image) for image in images]
-        with torch.inference_mode():
+        return self.detect(tensors, [(int(i.shape[0]), int(i.shape[1])) for i in images])
+
+    def detect(
+        self, tensors: list[torch.Tensor], sizes: Sequence[tuple[int, int]] | None = None
+    ) -> list[Detections]:
+        """The model on float ``(3, H, W)`` tensors in 0..1, already on the device; detections
+        for images of ``sizes`` (default: the tensors' sizes; less where padded), on the host."""
+        if sizes is None:
+            sizes = [(int(t.shape[-2]), int(t.shape[-1])) for t in tensors]
+        with torch.inference_mode(), self._autocast():
             outputs = self._forward(tensors)
-            sizes = [(int(image.shape[0]), int(image.shape[1])) for image in images]
-            return self._detections(outputs, sizes)
+            return self._detections(outputs, list(sizes))
+
+    def _autocast(self) -> torch.autocast:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.precision)
+        return torch.autocast(
+            self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None
+        )
 
     def _forward(self, tensors: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """``GeneralizedRCNN.forward`` in eval mode without its mask paste: boxes in input
@@ -462,6 +506,8 @@ class Segmenter:
         model: Any = self.model  # a GeneralizedRCNN
         original_sizes = [(int(t.shape[-2]), int(t.shape[-1])) for t in tensors]
         images, _ = model.transform(tensors)
+        if self.cfg.channels_last:
+            images.tensors = images.tensors.contiguous(memory_format=torch.channels_last)
         features = model.backbone(images.tensors)
         if isinstance(features, torch.Tensor):
             features = OrderedDict([("0", features)])
@@ -480,8 +526,8 @@ class Segmenter:
         placed: list[list[tuple[int, int, int, int]]] = []  # per image: (x, y, w, h)
         for out, (height, width) in zip(outputs, sizes, strict=True):
             placed.append([])
-            probs, scale = expand_masks(out["masks"], padding=1)
-            pasted = expand_boxes(out["boxes"], scale).to(torch.int64).tolist()
+            probs, scale = expand_masks(out["masks"].float(), padding=1)
+            pasted = expand_boxes(out["boxes"].float(), scale).to(torch.int64).tolist()
             for prob, (bx0, by0, bx1, by1) in zip(probs, pasted, strict=True):
                 # torchvision's paste_mask_in_image, clipped to the image instead of pasted.
                 resized = functional.interpolate(

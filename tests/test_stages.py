@@ -38,12 +38,20 @@ def inputs(tmp_path: Path) -> list[str]:
 def test_load_batch_accounts_for_every_uri(inputs: list[str]) -> None:
     batch = {"uri": np.array(inputs, dtype=object), "source": np.array(list("abcde"), object)}
     loaded = load_batch(batch, DecodeConfig())
+    assert sorted(loaded["uri"]) == sorted(inputs)
+    # Ordered by aspect ratio so that model batches pad less; error rows last, in input order.
     assert list(loaded["status"]) == ["ok", "ok", "ok", "error", "error"]
+    ratios = list(loaded["width"][:3] / loaded["height"][:3])
+    assert ratios == sorted(ratios) and len(set(ratios)) > 1
     assert list(loaded["error_code"][3:]) == ["corrupt", "not_found"]
     assert "missing.png" in loaded["error"][4]
-    assert list(loaded["source"]) == list("abcde")
+    source = dict(zip(inputs, "abcde", strict=True))
+    assert list(loaded["source"]) == [source[u] for u in loaded["uri"]]  # rows move whole
     assert [p.shape[2] for p in loaded["pixels"]] == [3] * 5
-    assert list(loaded["image_id"]) == [image_id(u) for u in inputs]
+    assert [p.shape[:2] for p in loaded["pixels"][:3]] == list(
+        zip(loaded["height"][:3], loaded["width"][:3], strict=True)
+    )
+    assert list(loaded["image_id"]) == [image_id(u) for u in loaded["uri"]]
 
 
 def test_segment_then_split_equals_the_core(
@@ -65,7 +73,7 @@ def test_segment_then_split_equals_the_core(
     pixels = list(loaded["pixels"][:3])
     refs = [
         ImageRef("r1", image_id(u), u, p.shape[1], p.shape[0])
-        for u, p in zip(inputs[:3], pixels, strict=True)
+        for u, p in zip(loaded["uri"][:3], pixels, strict=True)
     ]
     expected = instances_table(refs, segmenter(pixels), segmenter.categories)
     assert instances.equals(expected)

@@ -1,0 +1,89 @@
+"""The model's speed levers (precision, channels-last, cuDNN autotuning) keep its results.
+
+On the CPU these check correctness only; their speed is measured by ``jobs/levers.py``
+(BENCHMARKS.md). The shipped shapes model scores the same COCO AP on held-out images under
+each lever, and boxes stay float32 coordinates under reduced-precision autocast.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from segpipe.cli import build_parser, run_config
+from segpipe.config import ModelConfig
+from segpipe.evaluation import detection_results, evaluate
+from segpipe.model import Segmenter
+from segpipe.shapes import (
+    CATEGORIES,
+    coco_annotation_entries,
+    coco_categories,
+    coco_image_entry,
+    generate,
+)
+
+IMAGES = 16
+
+
+def scored(segmenter: Segmenter) -> tuple[dict[str, dict[str, float]], list[np.ndarray]]:
+    images, annotations, results, boxes = [], [], [], []
+    gt_categories = {name: i for i, name in enumerate(CATEGORIES, 1)}
+    for image_id, image in enumerate(generate(1, IMAGES), 1):
+        images.append(coco_image_entry(image, image_id))
+        annotations.extend(coco_annotation_entries(image, image_id, len(annotations) + 1))
+        (det,) = segmenter([image.pixels])
+        boxes.append(det.boxes)
+        results.extend(detection_results(det, image_id, segmenter.categories, gt_categories))
+    gt = {"images": images, "annotations": annotations, "categories": coco_categories()}
+    return evaluate(gt, results).stats, boxes
+
+
+@pytest.fixture(scope="module")
+def fp32() -> tuple[dict[str, dict[str, float]], list[np.ndarray]]:
+    return scored(Segmenter(ModelConfig(weights="shapes", device="cpu")))
+
+
+@pytest.mark.parametrize(
+    "lever",
+    [{"precision": "bf16"}, {"precision": "fp16"}, {"channels_last": True}],
+    ids=["bf16", "fp16", "channels-last"],
+)
+def test_levers_keep_coco_ap(lever: dict[str, Any], fp32: Any) -> None:
+    base_stats, base_boxes = fp32
+    stats, boxes = scored(Segmenter(ModelConfig(weights="shapes", device="cpu", **lever)))
+    for kind in ("bbox", "segm"):
+        assert base_stats[kind]["AP"] > 0.5
+        assert abs(stats[kind]["AP"] - base_stats[kind]["AP"]) <= 0.02, (kind, stats, base_stats)
+    # The strongest detection of each image is where it was, to a fraction of a pixel.
+    moved = [np.abs(b[0] - a[0]).max() for a, b in zip(base_boxes, boxes, strict=True)]
+    assert np.median(moved) < 0.5, moved
+    if lever.get("precision") == "bf16":
+        # Computed in float32: most coordinates are not bf16 numbers (8 significant bits).
+        every = np.concatenate([b.reshape(-1) for b in boxes])
+        every = every[every > 64]
+        as_bf16 = torch.from_numpy(every).to(torch.bfloat16).float().numpy()
+        assert (as_bf16 != every).mean() > 0.9
+
+
+def test_lever_flags_reach_the_model_config() -> None:
+    args = ["run", "--input", "/in", "--output", "/out", "--precision", "bf16", "--channels-last"]
+    cfg = run_config(build_parser().parse_args(args))
+    assert (cfg.model.precision, cfg.model.channels_last, cfg.model.cudnn_benchmark) == (
+        "bf16",
+        True,
+        False,
+    )
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        ModelConfig(precision="fp8")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_levers_on_cuda() -> None:
+    image = next(iter(generate(1, 1))).pixels
+    base = Segmenter(ModelConfig(weights="shapes", device="cuda"))([image])[0]
+    for lever in ({"precision": "bf16"}, {"precision": "fp16", "cudnn_benchmark": True}):
+        (det,) = Segmenter(ModelConfig(weights="shapes", device="cuda", **lever))([image])
+        assert len(det) > 0 and np.abs(det.boxes[0] - base.boxes[0]).max() < 1.0
