@@ -194,6 +194,7 @@ class BenchConfig:
     detections: int = 20
     images: int = 8
     scale: int = 10  # the scaling run uses images * scale; 1 skips it
+    bare_seconds: float = 20.0  # time the bare model over at least this long (and 3 rounds)
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0  # 0: the pipeline's default (1 when there are GPUs); 0.5: two
     torch_threads: int = 0  # the pipeline's model actor; 0: as many as the bare model uses

@@ -330,11 +330,16 @@ def _build(cfg: RunConfig, plan: ActorPlan, done_files: list[str] | None = None)
         num_gpus=plan.gpus_per_actor,
         num_cpus=plan.cpus_per_actor,
     )
-    # Run-length encoding in CPU tasks, off the model actors, one actor batch at a time: the
+    # Run-length encoding in CPU tasks, off the model actors, load_batch_size images a task
+    # (one task per actor batch of 1 cost more in task overhead than the encoding). The
     # reservation (differing from the write tasks') keeps Ray from fusing it into the write,
     # whose input bundles hold images_per_file images of unencoded mask windows.
     return ds.map_batches(
-        encode_rows, batch_format="pyarrow", batch_size=None, num_cpus=1, memory=ENCODE_TASK_MEMORY
+        encode_rows,
+        batch_format="pyarrow",
+        batch_size=max(cfg.batch_size, cfg.load_batch_size),
+        num_cpus=1,
+        memory=ENCODE_TASK_MEMORY,
     )
 
 

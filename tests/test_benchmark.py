@@ -32,7 +32,8 @@ def test_bench_command_end_to_end(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
     out = tmp_path / "bench.json"
     args = ["--arch", "maskrcnn_tiny_fpn", "--width", "96", "--height", "64", "--images", "4",
-            "--scale", "2", "--detections", "3", "--device", "cpu", "--json", str(out)]  # fmt: skip
+            "--scale", "2", "--detections", "3", "--device", "cpu", "--bare-seconds", "1",
+            "--json", str(out)]  # fmt: skip
     result = subprocess.run(
         [sys.executable, str(REPO / "jobs" / "benchmark.py"), *args],
         env=env,
