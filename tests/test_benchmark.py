@@ -16,6 +16,22 @@ from segpipe.config import BenchConfig
 REPO = Path(__file__).resolve().parents[1]
 
 
+def run_job(script: str, args: list[str]) -> subprocess.CompletedProcess[str]:
+    """``jobs/<script>`` in its own process (its own S3 server and Ray runtime, no cluster or
+    cloud credentials from this environment); it must succeed."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / script), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
 def test_fixed_detections_and_non_model_stages() -> None:
     cfg = BenchConfig(width=64, height=48, detections=7, images=3)
     det = fixed_detections(cfg)
@@ -28,21 +44,12 @@ def test_fixed_detections_and_non_model_stages() -> None:
 
 
 def test_bench_command_end_to_end(tmp_path: Path) -> None:
-    """A tiny configuration, in its own process (its own S3 server and Ray runtime)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
+    """A tiny configuration, in its own process."""
     out = tmp_path / "bench.json"
     args = ["--arch", "maskrcnn_tiny_fpn", "--width", "96", "--height", "64", "--images", "4",
             "--scale", "2", "--detections", "3", "--device", "cpu", "--bare-seconds", "1",
             "--json", str(out)]  # fmt: skip
-    result = subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "benchmark.py"), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    result = run_job("benchmark.py", args)
     figures = json.loads(out.read_text())
     for key in ("bare_images_per_s", "pipeline_images_per_s", "efficiency", "peak_rss_mib"):
         assert figures[key] > 0, key
@@ -58,14 +65,7 @@ def test_levers_script_measures_each_lever(tmp_path: Path) -> None:
     out = tmp_path / "levers.json"
     args = ["--arch", "maskrcnn_tiny_fpn", "--width", "96", "--height", "64", "--images", "4",
             "--detections", "3", "--device", "cpu", "--batch-sizes", "2"]  # fmt: skip
-    result = subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "levers.py"), *args, "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    run_job("levers.py", [*args, "--json", str(out)])
     figures = json.loads(out.read_text())
     names = set(figures["images_per_s"])
     assert {"paste: torchvision full-image masks", "paste: mask windows (segpipe)"} <= names

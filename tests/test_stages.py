@@ -10,11 +10,18 @@ import pyarrow as pa
 import pytest
 
 from segpipe.config import DecodeConfig, ModelConfig
-from segpipe.encode import ImageRef, instances_table
+from segpipe.encode import Detections, ImageRef, decode_mask, instances_table
 from segpipe.model import Segmenter
 from segpipe.samples import sample_files
 from segpipe.schema import IMAGES_SCHEMA, INSTANCES_SCHEMA, image_id
-from segpipe.stages import Segment, load_batch, split_tables
+from segpipe.stages import (
+    INSTANCE_STRUCT,
+    Segment,
+    encode_rows,
+    image_rows,
+    load_batch,
+    split_tables,
+)
 from segpipe.writer import write_table
 
 SMALL = dict(min_size=96, max_size=160, max_detections=8)
@@ -129,3 +136,43 @@ def test_segment_runs_a_failing_batch_one_by_one(
     assert rows[1]["error_code"] == "model_error"
     assert "the model failed on this image: RuntimeError: CUDA error" in rows[1]["error"]
     assert rows[3]["error_code"] != "model_error"  # decode errors keep their own cause
+
+
+def test_encode_rows_on_slices_and_chunks() -> None:
+    """Ray hands encode_rows slices of blocks and tables of several chunks: each gives the
+    rows the whole table gives, error rows and images without detections included."""
+    rng = np.random.default_rng(5)
+    sizes = [(20, 30), (31, 17), (12, 12), (40, 25), (25, 40)]  # (height, width)
+    detections: dict[int, Detections] = {}
+    for i, (height, width) in enumerate(sizes):
+        if i == 2:
+            continue  # an error row
+        n = 0 if i == 3 else 3
+        masks = rng.random((n, height, width)) < 0.3
+        boxes = np.tile(np.array([0, 0, width, height], np.float32), (n, 1))
+        scores = rng.random(n).astype(np.float32)
+        detections[i] = Detections.from_full_masks(boxes, np.ones(n, np.int64), scores, masks)
+    uris = [f"file:///i{i}.png" for i in range(len(sizes))]
+    batch = {
+        "uri": np.array(uris, dtype=object),
+        "image_id": np.array([image_id(u) for u in uris], dtype=object),
+        "height": np.array([h for h, _ in sizes], dtype=np.int32),
+        "width": np.array([w for _, w in sizes], dtype=np.int32),
+        "error_code": np.array(["", "", "corrupt", "", ""], dtype=object),
+        "error": np.array(["", "", "bad bytes", "", ""], dtype=object),
+    }
+    rows = image_rows(batch, "r", detections, ["__background__", "thing"])
+    whole = encode_rows(rows)
+    assert whole.column("instances").type.value_type == INSTANCE_STRUCT
+    assert encode_rows(whole) is whole  # already encoded
+    for start, stop in ((1, 3), (2, 5), (3, 4), (4, 5), (0, 0)):
+        assert encode_rows(rows.slice(start, stop - start)).equals(whole.slice(start, stop - start))
+    chunked = pa.concat_tables([rows.slice(0, 2), rows.slice(2)])
+    assert chunked.column("instances").num_chunks == 2
+    assert encode_rows(chunked).equals(whole)
+    _, instances = split_tables(rows.slice(3))  # image 3 has no detections, image 4 three
+    by_rank = detections[4].full_masks()[np.argsort(-detections[4].scores, kind="stable")]
+    assert instances.num_rows == 3
+    for row in instances.to_pylist():
+        mask = decode_mask(row["mask_rle"], *sizes[4]).astype(bool)
+        assert np.array_equal(mask, by_rank[row["instance_id"]])
