@@ -62,6 +62,11 @@ class ModelConfig:
             raise ValueError(
                 f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}"
             )
+        if self.precision == "fp16" and self.device == "cpu":
+            raise ValueError(
+                "precision fp16 is for GPUs (on a CPU it runs many times slower than bf16); "
+                "use bf16 or fp32 with device cpu"
+            )
         if self.device not in DEVICES:
             raise ValueError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
         for name in ("min_size", "max_size"):

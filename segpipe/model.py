@@ -60,6 +60,10 @@ DEFAULT_ARCH = "maskrcnn_resnet50_fpn"
 # The least a short side may become after the model's rescaling; thinner images are padded.
 MIN_RESCALED_SIDE = 8
 DEFAULT_MIN_SIZE, DEFAULT_MAX_SIZE = 800, 1333  # torchvision's defaults
+FP16_ON_CPU = (
+    "precision fp16 is for GPUs: on a CPU, fp16 autocast runs R50-FPN many times slower than "
+    "bf16; use bf16 (or fp32) there"
+)
 # Checkpoints shipped inside the package, by the name ``--weights`` takes.
 SHIPPED_WEIGHTS = {"shapes": "weights/shapes.pt"}
 _WEIGHTS_ENUMS: dict[str, Any] = {
@@ -428,25 +432,51 @@ def _zero_batchnorm_eps(model: nn.Module) -> None:
             module.eps = 0.0
 
 
+class _Float32(nn.Module):
+    """``inner`` run in float32 with autocast off, whatever the caller's precision."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: Any) -> Any:
+        device = next(self.inner.parameters()).device.type
+        with torch.autocast(device, enabled=False):
+            return self.inner(*(_as_float32(a) for a in args))
+
+
+def _as_float32(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.float()
+    if isinstance(value, list | tuple):
+        return type(value)(_as_float32(v) for v in value)
+    return value
+
+
 def _keep_geometry_float32(model: Any) -> None:
-    """Under bf16/fp16 autocast, keep coordinates in float32: torchvision makes anchors in the
-    feature maps' dtype and decodes boxes in the regression output's dtype, and bf16 holds
-    only 8 significant bits (x = 1000 would move in steps of 8 pixels). The heads' outputs
-    (small tensors) are cast to float32 and the anchor generator sees float32 feature maps
-    (zero-copy stand-ins of the same shape); the convolutions stay in reduced precision."""
+    """Under bf16/fp16 autocast, keep coordinates in float32. torchvision makes anchors in
+    the feature maps' dtype and decodes boxes in the regression outputs' dtype, and bf16
+    holds 8 significant bits (x = 1000 would move in steps of 8 pixels). So the layers that
+    regress boxes (the RPN's 1x1 box convolution, the box predictor's two linear layers:
+    a small share of the compute) run in float32, the anchor generator sees float32 feature
+    maps (zero-copy stand-ins of the same shape), and the heads' other outputs are cast to
+    float32; the backbone, FPN and heads' inner layers stay in reduced precision."""
 
     def outputs_float(_module: nn.Module, _args: Any, output: Any) -> Any:
-        if isinstance(output, torch.Tensor):
-            return output.float()
-        return type(output)(outputs_float(_module, _args, o) for o in output)
+        return _as_float32(output)
 
     def anchors_from_float(_module: nn.Module, args: Any) -> Any:
         image_list, feature_maps = args
-        stand_ins = [torch.zeros((), device=f.device).expand(f.shape) for f in feature_maps]
+        stand_ins = [
+            torch.zeros((), dtype=torch.float32, device=f.device).expand(f.shape)
+            for f in feature_maps
+        ]
         return image_list, stand_ins
 
+    model.rpn.head.bbox_pred = _Float32(model.rpn.head.bbox_pred)
+    model.roi_heads.box_predictor = _Float32(model.roi_heads.box_predictor)
     model.rpn.anchor_generator.register_forward_pre_hook(anchors_from_float)
-    for head in (model.rpn.head, model.roi_heads.box_predictor, model.roi_heads.mask_predictor):
+    for head in (model.rpn.head, model.roi_heads.mask_predictor):
         head.register_forward_hook(outputs_float)
 
 
@@ -457,6 +487,8 @@ class Segmenter:
         started = time.perf_counter()
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
+        if cfg.precision == "fp16" and self.device.type == "cpu":
+            raise ValueError(FP16_ON_CPU)
         model, self.weights = build_model(cfg)
         self.model = model.to(self.device)
         if cfg.channels_last:

@@ -213,9 +213,9 @@ def encode_rows(rows: pa.Table) -> pa.Table:
     """Per-image rows from :func:`image_rows` with each mask window run-length encoded
     (:data:`INSTANCE_STRUCT`); rows already encoded are returned as they are."""
     index = rows.schema.get_field_index("instances")
-    nested = rows.column(index).combine_chunks()
-    if nested.type.value_type == INSTANCE_STRUCT:
+    if "mask_rle" in rows.schema.field(index).type.value_type.names:
         return rows
+    nested = rows.column(index).combine_chunks()
     windows = nested.flatten()
     parents = pc.list_parent_indices(nested)
     heights = rows.column("height").take(parents).to_numpy(zero_copy_only=False)
@@ -226,9 +226,7 @@ def encode_rows(rows: pa.Table) -> pa.Table:
         [encoded[n] if n in encoded else windows.field(n) for n in INSTANCE_STRUCT.names],
         fields=list(INSTANCE_STRUCT),
     )
-    offsets = nested.offsets
-    if nested.offset:  # a sliced list: offsets into the flattened values start at zero
-        offsets = pc.subtract(offsets, offsets[0])
+    offsets = pc.subtract(nested.offsets, nested.offsets[0])  # flatten() starts at offset 0
     return rows.set_column(index, "instances", pa.ListArray.from_arrays(offsets, struct))
 
 
