@@ -146,7 +146,7 @@ def bench_non_model(cfg: BenchConfig, files: list[tuple[str, bytes]]) -> dict[st
     hold ``--images-per-file`` images, 5000 by default), so the commit protocol's fixed cost
     per unit is spread as it is in a run, not over 16 images.
     """
-    from segpipe.stages import image_rows
+    from segpipe.stages import encode_rows, image_rows
     from segpipe.writer import write_rows
 
     det = fixed_detections(cfg)
@@ -169,7 +169,8 @@ def bench_non_model(cfg: BenchConfig, files: list[tuple[str, bytes]]) -> dict[st
             "error_code": np.array([""] * len(chunk), dtype=object),
             "error": np.array([""] * len(chunk), dtype=object),
         }
-        tables.append(image_rows(batch, "bench", dict.fromkeys(range(len(chunk)), det), categories))
+        windows = image_rows(batch, "bench", dict.fromkeys(range(len(chunk)), det), categories)
+        tables.append(encode_rows(windows))  # in a run: the model actor, then encode tasks
         t2 = time.perf_counter()
         timings["decode"] += t1 - t0
         timings["encode"] += t2 - t1
