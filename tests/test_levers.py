@@ -7,16 +7,19 @@ each lever, and boxes stay float32 coordinates under reduced-precision autocast.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from segpipe.cli import build_parser, run_config
+from segpipe.cli import build_parser, main, run_config
 from segpipe.config import ModelConfig
 from segpipe.evaluation import detection_results, evaluate
 from segpipe.model import Segmenter
+from segpipe.query import connect
+from segpipe.record import read_record
 from segpipe.shapes import (
     CATEGORIES,
     coco_annotation_entries,
@@ -96,3 +99,44 @@ def test_levers_on_cuda() -> None:
     for lever in ({"precision": "bf16"}, {"precision": "fp16", "cudnn_benchmark": True}):
         (det,) = Segmenter(ModelConfig(weights="shapes", device="cuda", **lever))([image])
         assert len(det) > 0 and np.abs(det.boxes[0] - base.boxes[0]).max() < 1.0
+
+
+def test_levers_reach_the_actors_and_the_record(ray_local: None, tmp_path: Path) -> None:
+    """A run with --precision bf16 --channels-last: the actors use the levers (their rows are
+    the core's under the same levers, not fp32's), and the run record says so."""
+    shapes = list(generate(1, 4))
+    for image in shapes:
+        (tmp_path / "in").mkdir(exist_ok=True)
+        (tmp_path / "in" / image.file_name).write_bytes(image.png())
+    output = str(tmp_path / "out")
+    args = ["run", "--input", str(tmp_path / "in"), "--output", output, "--run-id", "levers",
+            "--weights", "shapes", "--device", "cpu", "--precision", "bf16",
+            "--channels-last", "--batch-size", "1"]  # fmt: skip
+    assert main(args) == 0
+    record = read_record(output, "levers")
+    assert (record["config"]["model"]["precision"], record["config"]["model"]["channels_last"]) == (
+        "bf16",
+        True,
+    )
+    con = connect(output)
+    rows = con.sql("SELECT uri, instance_id, score FROM instances ORDER BY uri, instance_id")
+    got = {(uri, rank): score for uri, rank, score in rows.fetchall()}
+    con.close()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the actor (one CPU)
+    try:
+        lever = Segmenter(ModelConfig(weights="shapes", device="cpu", precision="bf16",
+                                      channels_last=True))  # fmt: skip
+        fp32 = Segmenter(ModelConfig(weights="shapes", device="cpu"))
+        expected, plain = {}, {}
+        for image in shapes:
+            uri = (tmp_path / "in" / image.file_name).as_uri()
+            for table, segmenter in ((expected, lever), (plain, fp32)):
+                (det,) = segmenter([image.pixels])
+                order = np.argsort(-det.scores, kind="stable")
+                table.update({(uri, r): float(det.scores[k]) for r, k in enumerate(order)})
+    finally:
+        torch.set_num_threads(threads)
+    assert len(got) == len(expected) > 0
+    assert max(abs(got[k] - expected[k]) for k in expected) < 1e-3
+    assert got != plain  # the levers changed the numbers: they were on in the actors

@@ -283,3 +283,27 @@ def test_gpu_matches_cpu(checkpoint: Path, images: list[np.ndarray]) -> None:
     for a, b in zip(cpu, gpu, strict=True):
         np.testing.assert_allclose(a.scores[:3], b.scores[:3], atol=1e-3)
         np.testing.assert_allclose(a.boxes[:3], b.boxes[:3], atol=0.5)
+
+
+def test_masks_are_computed_only_for_returned_detections(
+    checkpoint: Path, images: list[np.ndarray]
+) -> None:
+    """The score threshold (and max_detections) apply before the mask head: it sees exactly
+    the boxes that come back, not every proposal."""
+    cfg = ModelConfig(weights=str(checkpoint), device="cpu", score_threshold=0.0, **SMALL)
+    segmenter = Segmenter(replace(cfg, max_detections=100))
+    seen: list[int] = []
+    hook = segmenter.model.roi_heads.mask_head.register_forward_hook(
+        lambda _m, args, _out: seen.append(int(args[0].shape[0]))
+    )
+    try:
+        found = segmenter(images)
+        assert seen[-1] == sum(len(d) for d in found) == 100 * len(images)
+        # A threshold at the median score: the mask head sees half as many boxes.
+        median = float(np.median(np.concatenate([d.scores for d in found])))
+        segmenter.model.roi_heads.score_thresh = median
+        found = segmenter(images)
+        assert seen[-1] == sum(len(d) for d in found) < 100 * len(images)
+        assert all((d.scores >= median).all() for d in found)
+    finally:
+        hook.remove()
