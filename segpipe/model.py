@@ -552,48 +552,53 @@ class Segmenter:
     def _detections(
         self, outputs: list[dict[str, torch.Tensor]], sizes: list[tuple[int, int]]
     ) -> list[Detections]:
-        """Boxes clipped to the image and each mask as its thresholded window; one copy of all
-        windows off the device."""
+        """Boxes clipped to the image and each mask as its thresholded window. The whole
+        batch's boxes, labels, scores and window pixels leave the device in one copy each."""
+        counts = [int(out["scores"].shape[0]) for out in outputs]
+        boxes = torch.cat([out["boxes"] for out in outputs]).float()
+        probs, scale = expand_masks(torch.cat([out["masks"] for out in outputs]).float(), 1)
+        pasted = expand_boxes(boxes, scale).to(torch.int64).tolist()
+        image_sizes = [size for size, n in zip(sizes, counts, strict=True) for _ in range(n)]
         windows: list[torch.Tensor] = []
-        placed: list[list[tuple[int, int, int, int]]] = []  # per image: (x, y, w, h)
-        for out, (height, width) in zip(outputs, sizes, strict=True):
-            placed.append([])
-            probs, scale = expand_masks(out["masks"].float(), padding=1)
-            pasted = expand_boxes(out["boxes"].float(), scale).to(torch.int64).tolist()
-            for prob, (bx0, by0, bx1, by1) in zip(probs, pasted, strict=True):
-                # torchvision's paste_mask_in_image, clipped to the image instead of pasted.
-                resized = functional.interpolate(
-                    prob[None],
-                    size=(max(by1 - by0 + 1, 1), max(bx1 - bx0 + 1, 1)),
-                    mode="bilinear",
-                    align_corners=False,
-                )[0, 0]
-                x0, y0 = min(max(bx0, 0), width), min(max(by0, 0), height)
-                x1, y1 = max(min(bx1 + 1, width), x0), max(min(by1 + 1, height), y0)
-                window = resized[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0]
-                windows.append(window.reshape(-1) > self.cfg.mask_threshold)
-                placed[-1].append((x0, y0, x1 - x0, y1 - y0))
+        placed: list[tuple[int, int, int, int]] = []  # per detection: x, y, w, h
+        for prob, (bx0, by0, bx1, by1), (height, width) in zip(
+            probs, pasted, image_sizes, strict=True
+        ):
+            # torchvision's paste_mask_in_image, clipped to the image instead of pasted.
+            resized = functional.interpolate(
+                prob[None],
+                size=(max(by1 - by0 + 1, 1), max(bx1 - bx0 + 1, 1)),
+                mode="bilinear",
+                align_corners=False,
+            )[0, 0]
+            x0, y0 = min(max(bx0, 0), width), min(max(by0, 0), height)
+            x1, y1 = max(min(bx1 + 1, width), x0), max(min(by1 + 1, height), y0)
+            window = resized[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0]
+            windows.append(window.reshape(-1) > self.cfg.mask_threshold)
+            placed.append((x0, y0, x1 - x0, y1 - y0))
         pixels = torch.cat(windows).cpu().numpy() if windows else np.zeros(0, dtype=bool)
-        result, start = [], 0
-        for out, (height, width), rects in zip(outputs, sizes, placed, strict=True):
-            boxes = out["boxes"].to(torch.float32)
-            limits = torch.tensor([width, height, width, height], device=boxes.device)
+        host_boxes = boxes.cpu().numpy()
+        labels = torch.cat([out["labels"] for out in outputs]).to(torch.int64).cpu().numpy()
+        scores = torch.cat([out["scores"] for out in outputs]).float().cpu().numpy()
+        result, first, start = [], 0, 0
+        for n, (height, width) in zip(counts, sizes, strict=True):
             masks = []
-            for _, _, w, h in rects:
+            for _, _, w, h in placed[first : first + n]:
                 masks.append(pixels[start : start + w * h].reshape(h, w))
                 start += w * h
+            limits = np.array([width, height, width, height], dtype=np.float32)
+            origins = [(x, y) for x, y, _, _ in placed[first : first + n]]
             result.append(
                 Detections(
-                    boxes=torch.minimum(boxes, limits.to(boxes.dtype)).cpu().numpy(),
-                    labels=out["labels"].to(torch.int64).cpu().numpy(),
-                    scores=out["scores"].to(torch.float32).cpu().numpy(),
+                    boxes=np.minimum(host_boxes[first : first + n], limits),
+                    labels=labels[first : first + n],
+                    scores=scores[first : first + n],
                     masks=masks,
-                    mask_origins=np.array([(x, y) for x, y, _, _ in rects], dtype=np.int32).reshape(
-                        -1, 2
-                    ),
+                    mask_origins=np.array(origins, dtype=np.int32).reshape(-1, 2),
                     image_size=(height, width),
                 )
             )
+            first += n
         return result
 
     def _to_tensor(self, image: np.ndarray) -> torch.Tensor:
