@@ -48,7 +48,6 @@ from segpipe.inputs import check_manifest, list_images, manifest_format, prepare
 from segpipe.inputs import write_listing as write_listing_shards
 from segpipe.io import absolute, is_local, redact
 from segpipe.lease import RunLease
-from segpipe.model import SHIPPED_WEIGHTS, fingerprint_weights
 from segpipe.record import (
     RUNS_DIR,
     metrics_rel,
@@ -69,7 +68,7 @@ LISTING_DIR = "_listing"
 LISTING_DONE = "_COMPLETE.json"  # written once every listing shard is
 DELETING = "deleting"  # a run record's status while --overwrite deletes the old run
 DECODE_TASK_MEMORY = 256 * 1024**2
-ENCODE_TASK_MEMORY = 128 * 1024**2
+ENCODE_TASK_MEMORY = 256 * 1024**2
 
 
 class OutputError(ValueError):
@@ -119,6 +118,11 @@ def run(cfg: RunConfig) -> RunSummary:
     cfg = _resolved(cfg)
     assert cfg.run_id is not None
     previous = _check_output(cfg, named)
+    # The model module (torch, torchvision: ~450 MB and seconds to import) is imported here,
+    # on the driver, not at the top: write tasks unpickle _TablesSink from this module, and
+    # every CPU worker would otherwise load torch.
+    from segpipe.model import fingerprint_weights
+
     weights = fingerprint_weights(cfg.model)
     extras = check_manifest(cfg.manifest, cfg.uri_column) if cfg.manifest else []
     if previous is not None and cfg.resume:
@@ -373,6 +377,8 @@ def _without_committed(ds: Dataset, cfg: RunConfig, done_files: list[str]) -> Da
 
 def _resolved(cfg: RunConfig) -> RunConfig:
     """Fill in the run id and make local paths absolute (workers may run elsewhere)."""
+    from segpipe.model import SHIPPED_WEIGHTS
+
     model = cfg.model
     if model.weights not in SHIPPED_WEIGHTS and os.path.exists(model.weights):
         model = replace(model, weights=absolute(model.weights))

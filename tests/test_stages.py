@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import duckdb
@@ -176,3 +178,13 @@ def test_encode_rows_on_slices_and_chunks() -> None:
     for row in instances.to_pylist():
         mask = decode_mask(row["mask_rle"], *sizes[4]).astype(bool)
         assert np.array_equal(mask, by_rank[row["instance_id"]])
+
+
+def test_cpu_tasks_never_import_torch() -> None:
+    """What CPU tasks unpickle (the steps, the writer, the pipeline's sink) imports no torch:
+    it would cost every CPU worker ~450 MB and seconds of start-up."""
+    code = (
+        "import sys, segpipe.pipeline, segpipe.stages, segpipe.writer, segpipe.inputs; "
+        "sys.exit('torch' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
