@@ -30,43 +30,26 @@ import numpy as np
 import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from segpipe.benchmark import jpeg_images
+from segpipe.benchmark import decoded, detect_rate, jpeg_images
 from segpipe.config import BenchConfig, ModelConfig
-from segpipe.decode import DecodedImage, decode_image
-from segpipe.model import Segmenter
+from segpipe.model import Segmenter, synchronize
 from segpipe.schema import image_id
 from segpipe.stages import encode_rows, image_rows
 
 
 def pixels(width: int, height: int, count: int) -> list[np.ndarray]:
-    cfg = BenchConfig(width=width, height=height)
-    out = []
-    for _, data in jpeg_images(cfg, count):
-        decoded = decode_image(data)
-        assert isinstance(decoded, DecodedImage)
-        out.append(np.array(decoded.pixels))  # writable, as torch.from_numpy wants
-    return out
+    return decoded(list(jpeg_images(BenchConfig(width=width, height=height), count)))
 
 
-def timed(segmenter: Segmenter, images: Sequence[np.ndarray], batch: int, rounds: int = 1) -> float:
+def timed(segmenter: Segmenter, images: Sequence[np.ndarray], batch: int) -> float:
     """Images per second of ``segmenter.detect`` over ``images`` in batches of ``batch``."""
-    device = segmenter.device
-    tensors = [torch.from_numpy(i).to(device).permute(2, 0, 1).float().div_(255.0) for i in images]
-    batches = [tensors[k : k + batch] for k in range(0, len(tensors), batch)]
-    segmenter.detect(batches[0])  # warm-up: allocator, cuDNN autotuning, lazy init
-    sync(device)
-    started = time.perf_counter()
-    for _ in range(rounds):
-        for b in batches:
-            segmenter.detect(b)
-    sync(device)
-    return rounds * len(tensors) / (time.perf_counter() - started)
+    return detect_rate(segmenter, images, batch)[0]
 
 
 def timed_full_paste(segmenter: Segmenter, images: Sequence[np.ndarray], batch: int) -> float:
     """The same with torchvision's own forward: full-image masks, thresholded, to the host."""
     device, threshold = segmenter.device, segmenter.cfg.mask_threshold
-    tensors = [torch.from_numpy(i).to(device).permute(2, 0, 1).float().div_(255.0) for i in images]
+    tensors = [segmenter.to_tensor(image) for image in images]
     batches = [tensors[k : k + batch] for k in range(0, len(tensors), batch)]
 
     def run(b: list[torch.Tensor]) -> None:
@@ -76,11 +59,11 @@ def timed_full_paste(segmenter: Segmenter, images: Sequence[np.ndarray], batch: 
                 out["boxes"].cpu()
 
     run(batches[0])
-    sync(device)
+    synchronize(device)
     started = time.perf_counter()
     for b in batches:
         run(b)
-    sync(device)
+    synchronize(device)
     return len(tensors) / (time.perf_counter() - started)
 
 
@@ -91,20 +74,20 @@ def mask_postprocess(segmenter: Segmenter, images: Sequence[np.ndarray]) -> dict
     device, threshold = segmenter.device, segmenter.cfg.mask_threshold
     full_ms = window_ms = full_bytes = window_bytes = 0.0
     for image in images:
-        tensor = torch.from_numpy(image).to(device).permute(2, 0, 1).float().div_(255.0)
+        tensor = segmenter.to_tensor(image)
         size = (int(image.shape[0]), int(image.shape[1]))
         with torch.inference_mode():
             (out,) = segmenter._forward([tensor])
-            sync(device)
+            synchronize(device)
             started = time.perf_counter()
             pasted = paste_masks_in_image(out["masks"], out["boxes"], size)
             host = (pasted[:, 0] > threshold).cpu().numpy()
-            sync(device)
+            synchronize(device)
             full_ms += 1000 * (time.perf_counter() - started)
             full_bytes += host.nbytes
             started = time.perf_counter()
             (det,) = segmenter._detections([out], [size])
-            sync(device)
+            synchronize(device)
             window_ms += 1000 * (time.perf_counter() - started)
             window_bytes += sum(w.nbytes for w in det.masks)
     n = len(images)
@@ -114,11 +97,6 @@ def mask_postprocess(segmenter: Segmenter, images: Sequence[np.ndarray]) -> dict
         "full_paste_mib_per_image": round(full_bytes / n / 2**20, 2),
         "windows_mib_per_image": round(window_bytes / n / 2**20, 3),
     }
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def padded_share(segmenter: Segmenter, images: Sequence[np.ndarray], batch: int) -> float:

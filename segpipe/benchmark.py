@@ -31,10 +31,10 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import psutil
@@ -46,8 +46,11 @@ from segpipe.encode import Detections
 from segpipe.samples import sample_image
 from segpipe.schema import image_id
 
+if TYPE_CHECKING:  # the model module imports torch; bench imports it only when it runs
+    from segpipe.model import Segmenter
+
 NON_MODEL_IMAGES = 64
-BARE_MIN_ROUNDS = 3
+BARE_MIN_ROUNDS = 3  # one round of 8 images on a CPU moved by 15 % between runs
 
 
 @dataclass
@@ -138,6 +141,16 @@ def fixed_detections(cfg: BenchConfig) -> Detections:
     )
 
 
+def decoded(files: Sequence[tuple[str, bytes]]) -> list[np.ndarray]:
+    """The pixels of generated (always decodable) image files."""
+    out = []
+    for _, data in files:
+        image = decode_image(data)
+        assert isinstance(image, DecodedImage)
+        out.append(image.pixels)
+    return out
+
+
 def bench_non_model(cfg: BenchConfig, files: list[tuple[str, bytes]]) -> dict[str, float]:
     """Decode, encode and write in this process; milliseconds per image for each.
 
@@ -188,39 +201,44 @@ def bench_bare(cfg: BenchConfig, files: list[tuple[str, bytes]]) -> tuple[float,
     from segpipe.model import Segmenter
 
     segmenter = Segmenter(model_config(cfg))
-    device = segmenter.device
-    tensors = []
-    for _, data in files:
-        decoded = decode_image(data)
-        assert isinstance(decoded, DecodedImage)
-        tensor = torch.from_numpy(decoded.pixels).permute(2, 0, 1).float().div_(255.0)
-        tensors.append(tensor.to(device))
-    batches = [tensors[i : i + cfg.batch_size] for i in range(0, len(tensors), cfg.batch_size)]
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    segmenter.detect(batches[0])  # warm-up (allocator, cudnn autotuning, lazy init)
-    sync()
-    # Rounds over the same tensors until BARE_MIN_ROUNDS and cfg.bare_seconds are both
-    # reached; the median round is reported (one round of 8 images on a CPU moved by 15 %).
-    rounds: list[float] = []
-    begun = time.perf_counter()
-    while len(rounds) < BARE_MIN_ROUNDS or time.perf_counter() - begun < cfg.bare_seconds:
-        started = time.perf_counter()
-        for batch in batches:
-            out = segmenter.detect(batch)
-        sync()
-        rounds.append(time.perf_counter() - started)
-    seconds = float(np.median(rounds))
+    images = decoded(files)
+    rate, out = detect_rate(segmenter, images, cfg.batch_size, cfg.bare_seconds, BARE_MIN_ROUNDS)
     found = len(out[-1])
     if found != cfg.detections:
         print(f"bench: note: the model returned {found} detections, not {cfg.detections}")
+    device = segmenter.device
     name = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
     if device.type == "cpu":
         name += f" ({torch.get_num_threads()} threads)"
-    return len(tensors) / seconds, name
+    return rate, name
+
+
+def detect_rate(
+    segmenter: Segmenter,
+    images: Sequence[np.ndarray],
+    batch_size: int,
+    min_seconds: float = 0.0,
+    min_rounds: int = 1,
+) -> tuple[float, list[Detections]]:
+    """Images per second of ``segmenter.detect`` over ``images`` placed on its device
+    beforehand, in batches of ``batch_size``, after one warm-up batch (allocator, cuDNN
+    autotuning, lazy init): rounds over all images until ``min_rounds`` and ``min_seconds``
+    are both reached, the median round counted. Also the last batch's detections."""
+    from segpipe.model import synchronize
+
+    tensors = [segmenter.to_tensor(image) for image in images]
+    batches = [tensors[i : i + batch_size] for i in range(0, len(tensors), batch_size)]
+    out = segmenter.detect(batches[0])
+    synchronize(segmenter.device)
+    rounds: list[float] = []
+    begun = time.perf_counter()
+    while len(rounds) < min_rounds or time.perf_counter() - begun < min_seconds:
+        started = time.perf_counter()
+        for batch in batches:
+            out = segmenter.detect(batch)
+        synchronize(segmenter.device)
+        rounds.append(time.perf_counter() - started)
+    return len(tensors) / float(np.median(rounds)), out
 
 
 def model_config(cfg: BenchConfig) -> ModelConfig:

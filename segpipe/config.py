@@ -12,6 +12,10 @@ ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_tiny_fpn
 ARCH_CHOICES = ("auto", *ARCHS)
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
+FP16_ON_CPU = (
+    "precision fp16 is for GPUs: on a CPU, fp16 autocast runs R50-FPN many times slower than "
+    "bf16; use bf16 (or fp32) there"
+)
 # Low-cardinality columns it makes sense to make folders of. ``label`` partitions only the
 # instances table; ``status`` only the images table.
 PARTITION_COLUMNS = ("run_id", "label", "label_id", "status")
@@ -63,10 +67,7 @@ class ModelConfig:
                 f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}"
             )
         if self.precision == "fp16" and self.device == "cpu":
-            raise ValueError(
-                "precision fp16 is for GPUs (on a CPU it runs many times slower than bf16); "
-                "use bf16 or fp32 with device cpu"
-            )
+            raise ValueError(FP16_ON_CPU)
         if self.device not in DEVICES:
             raise ValueError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
         for name in ("min_size", "max_size"):

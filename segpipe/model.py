@@ -45,7 +45,7 @@ from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from segpipe import tiny
-from segpipe.config import ModelConfig
+from segpipe.config import FP16_ON_CPU, ModelConfig
 from segpipe.encode import Detections
 from segpipe.io import read_bytes, redact, sha256_hex
 
@@ -60,10 +60,6 @@ DEFAULT_ARCH = "maskrcnn_resnet50_fpn"
 # The least a short side may become after the model's rescaling; thinner images are padded.
 MIN_RESCALED_SIDE = 8
 DEFAULT_MIN_SIZE, DEFAULT_MAX_SIZE = 800, 1333  # torchvision's defaults
-FP16_ON_CPU = (
-    "precision fp16 is for GPUs: on a CPU, fp16 autocast runs R50-FPN many times slower than "
-    "bf16; use bf16 (or fp32) there"
-)
 # Checkpoints shipped inside the package, by the name ``--weights`` takes.
 SHIPPED_WEIGHTS = {"shapes": "weights/shapes.pt"}
 _WEIGHTS_ENUMS: dict[str, Any] = {
@@ -96,6 +92,12 @@ class WeightsInfo:
     arch: str
     min_size: int
     max_size: int
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (for timing; a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -512,7 +514,7 @@ class Segmenter:
     def __call__(self, images: Sequence[np.ndarray]) -> list[Detections]:
         if not images:
             return []
-        tensors = [self._to_tensor(image) for image in images]
+        tensors = [self.to_tensor(image) for image in images]
         return self.detect(tensors, [(int(i.shape[0]), int(i.shape[1])) for i in images])
 
     def detect(
@@ -601,7 +603,9 @@ class Segmenter:
             first += n
         return result
 
-    def _to_tensor(self, image: np.ndarray) -> torch.Tensor:
+    def to_tensor(self, image: np.ndarray) -> torch.Tensor:
+        """An RGB uint8 ``(H, W, 3)`` image as the float ``(3, H, W)`` tensor in 0..1 on the
+        device that :meth:`detect` takes (a very thin image padded, see :meth:`_pad_thin`)."""
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected uint8 (H, W, 3), got {image.dtype} {image.shape}")
         with warnings.catch_warnings():

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import subprocess
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,19 @@ from segpipe.s3local import loopback_s3_env
 
 FAKE_KEY_ID = "segpipe-test-key-id"
 FAKE_SECRET = "segpipe-test-secret-never-logged"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_isolated(argv: Sequence[str], timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    """A command in its own process, from the repository root, without this environment's
+    cluster address or cloud credentials (it starts its own S3 server and Ray runtime); it
+    must succeed."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
+    result = subprocess.run(
+        list(argv), env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
 
 
 @pytest.fixture(scope="session")

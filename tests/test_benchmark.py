@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,24 +11,12 @@ import numpy as np
 
 from segpipe.benchmark import bench_non_model, fixed_detections, jpeg_images
 from segpipe.config import BenchConfig
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO, run_isolated
 
 
 def run_job(script: str, args: list[str]) -> subprocess.CompletedProcess[str]:
-    """``jobs/<script>`` in its own process (its own S3 server and Ray runtime, no cluster or
-    cloud credentials from this environment); it must succeed."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
-    result = subprocess.run(
-        [sys.executable, str(REPO / "jobs" / script), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return result
+    """``jobs/<script>`` in its own process; it must succeed."""
+    return run_isolated([sys.executable, str(REPO / "jobs" / script), *args])
 
 
 def test_fixed_detections_and_non_model_stages() -> None:

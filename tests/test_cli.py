@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,8 +14,7 @@ from segpipe.cli import main
 from segpipe.encode import Detections
 from segpipe.stages import image_rows
 from segpipe.writer import write_rows
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import run_isolated
 
 
 @pytest.fixture
@@ -66,16 +63,7 @@ def test_query_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
 
 def test_demo_runs_end_to_end() -> None:
     """`make demo`'s command, in its own process: its own S3 server and embedded Ray."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
-    result = subprocess.run(
-        [str(Path(sys.executable).with_name("segpipe")), "demo", "--images", "3"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    result = run_isolated([str(Path(sys.executable).with_name("segpipe")), "demo", "--images", "3"])
     out = result.stdout
     assert "run demo: 4 images (3 ok, 1 error)" in out
     assert "not_an_image" in out and "objects per class" in out
