@@ -1,4 +1,4 @@
-"""Benchmark entrypoint: the same as ``segpipe bench`` (see segpipe/benchmark.py).
+"""Benchmark entrypoint: the same as ``segpipe bench`` (see segpipe/tools/benchmark.py).
 
 .venv/bin/python jobs/benchmark.py --json bench.json            # CPU defaults
 python jobs/benchmark.py --device cuda --images 64 --batch-size 8 --width 1066 --height 800

@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from segpipe.benchmark import decoded, detect_rate, jpeg_images
 from segpipe.config import BenchConfig, ModelConfig
-from segpipe.model import Segmenter, synchronize
+from segpipe.core.model import Segmenter, synchronize
+from segpipe.job.stages import encode_rows, image_rows
 from segpipe.schema import image_id
-from segpipe.stages import encode_rows, image_rows
+from segpipe.tools.benchmark import decoded, detect_rate, jpeg_images
 
 
 def pixels(width: int, height: int, count: int) -> list[np.ndarray]:

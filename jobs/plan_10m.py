@@ -28,8 +28,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from segpipe.inputs import list_images
-from segpipe.s3local import loopback_s3_env
+from segpipe.job.inputs import list_images
+from segpipe.tools.s3local import loopback_s3_env
 
 LIST_PAGE = 1000  # keys per ListObjectsV2 response, the S3 maximum
 MIB = 1024**2

@@ -17,8 +17,8 @@ import ray
 from ray.data import DataContext
 
 from segpipe.config import ModelConfig, RunConfig
-from segpipe.pipeline import run
-from segpipe.samples import sample_image
+from segpipe.job.pipeline import run
+from segpipe.tools.samples import sample_image
 
 
 def main() -> None:

@@ -26,10 +26,11 @@ from typing import Any
 
 import torch
 
+from segpipe.analytics.evaluation import CocoMetrics, detection_results, evaluate, format_metrics
 from segpipe.config import ModelConfig
-from segpipe.evaluation import CocoMetrics, detection_results, evaluate, format_metrics
-from segpipe.model import Segmenter
-from segpipe.shapes import (
+from segpipe.core.model import Segmenter
+from segpipe.core.tiny import ARCH, maskrcnn_tiny_fpn
+from segpipe.tools.shapes import (
     CATEGORIES,
     ShapesImage,
     coco_annotation_entries,
@@ -38,7 +39,6 @@ from segpipe.shapes import (
     generate,
     generate_image,
 )
-from segpipe.tiny import ARCH, maskrcnn_tiny_fpn
 
 
 @dataclass(frozen=True)

@@ -222,13 +222,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench":
             return bench_command(args)
         if args.command == "ddl":
-            from segpipe.engines import ddl
+            from segpipe.analytics.engines import ddl
 
             for table in [args.table] if args.table else ["images", "instances"]:
                 partition_by = () if args.partition_by == ("none",) else args.partition_by
                 print(ddl(args.engine, table, args.location, partition_by))
             return 0
-        from segpipe.demo import run_demo
+        from segpipe.tools.demo import run_demo
 
         return run_demo(args.images)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     cfg = run_config(args)
-    from segpipe.pipeline import run
+    from segpipe.job.pipeline import run
 
     summary = run(cfg)
     print(summary.describe())
@@ -288,7 +288,7 @@ def load_config_file(uri: str) -> dict[str, Any]:
 
 
 def query_command(output: str, sql: str, fmt: str) -> int:
-    from segpipe.query import connect
+    from segpipe.analytics.query import connect
 
     con = connect(output)
     result = con.sql(sql)
@@ -309,10 +309,10 @@ def query_command(output: str, sql: str, fmt: str) -> int:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from segpipe.evaluation import evaluate, predictions
+    from segpipe.analytics.evaluation import evaluate, predictions
+    from segpipe.analytics.query import connect, pick_run
     from segpipe.io import read_bytes, redact, sha256_hex
-    from segpipe.query import connect, pick_run
-    from segpipe.record import metrics_uri, now, write_json
+    from segpipe.job.record import metrics_uri, now, write_json
 
     raw = read_bytes(args.annotations)
     try:
@@ -356,9 +356,9 @@ def eval_command(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from segpipe.export import export_coco
+    from segpipe.analytics.export import export_coco
+    from segpipe.analytics.query import connect, pick_run
     from segpipe.io import redact
-    from segpipe.query import connect, pick_run
 
     con = connect(args.output)
     run_id = pick_run(con, args.run_id)
@@ -373,9 +373,9 @@ def export_command(args: argparse.Namespace) -> int:
 
 
 def render_command(args: argparse.Namespace) -> int:
+    from segpipe.analytics.query import connect, pick_run
+    from segpipe.analytics.render import render
     from segpipe.io import redact
-    from segpipe.query import connect, pick_run
-    from segpipe.render import render
 
     con = connect(args.output)
     run_id = pick_run(con, args.run_id)
@@ -394,7 +394,7 @@ def render_command(args: argparse.Namespace) -> int:
 
 
 def bench_command(args: argparse.Namespace) -> int:
-    from segpipe.benchmark import run_benchmark
+    from segpipe.tools.benchmark import run_benchmark
 
     cfg = BenchConfig(**{k: getattr(args, k) for k in asdict(BenchConfig())})
     result = run_benchmark(cfg)

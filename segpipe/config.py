@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from segpipe.decode import DEFAULT_MAX_PIXELS
+from segpipe.core.decode import DEFAULT_MAX_PIXELS
 
 ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_tiny_fpn")
 # ``auto``: the arch a checkpoint records, else the first of ARCHS.
@@ -189,7 +189,7 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """One ``segpipe bench`` (see :mod:`segpipe.benchmark`)."""
+    """One ``segpipe bench`` (see :mod:`segpipe.tools.benchmark`)."""
 
     device: str = "auto"
     arch: str = "maskrcnn_resnet50_fpn"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 
-from segpipe.s3local import loopback_s3_env
+from segpipe.tools.s3local import loopback_s3_env
 
 FAKE_KEY_ID = "segpipe-test-key-id"
 FAKE_SECRET = "segpipe-test-secret-never-logged"

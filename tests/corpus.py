@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image
 
-from segpipe.shapes import generate_image
+from segpipe.tools.shapes import generate_image
 
 Expected = tuple[str, tuple[str, ...]] | None
 

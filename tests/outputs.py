@@ -7,11 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from segpipe.encode import Detections
+from segpipe.core.encode import Detections
+from segpipe.job.stages import image_rows
+from segpipe.job.writer import write_rows
 from segpipe.schema import image_id
-from segpipe.shapes import CATEGORIES, ShapesImage
-from segpipe.stages import image_rows
-from segpipe.writer import write_rows
+from segpipe.tools.shapes import CATEGORIES, ShapesImage
 
 SHAPES_LABELS = ("__background__", *CATEGORIES)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from segpipe.benchmark import bench_non_model, fixed_detections, jpeg_images
 from segpipe.config import BenchConfig
+from segpipe.tools.benchmark import bench_non_model, fixed_detections, jpeg_images
 from tests.conftest import REPO, run_isolated
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from segpipe.cli import main
-from segpipe.encode import Detections
-from segpipe.stages import image_rows
-from segpipe.writer import write_rows
+from segpipe.core.encode import Detections
+from segpipe.job.stages import image_rows
+from segpipe.job.writer import write_rows
 from tests.conftest import run_isolated
 
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from segpipe.query import connect
-from segpipe.record import read_record
-from segpipe.s3local import free_port, stop_process
-from segpipe.samples import sample_image
+from segpipe.analytics.query import connect
+from segpipe.job.record import read_record
+from segpipe.tools.s3local import free_port, stop_process
+from segpipe.tools.samples import sample_image
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))

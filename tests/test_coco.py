@@ -14,10 +14,10 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from segpipe.analytics.evaluation import STAT_NAMES
 from segpipe.cli import main
-from segpipe.evaluation import STAT_NAMES
-from segpipe.record import metrics_uri
-from segpipe.shapes import generate, write_dataset
+from segpipe.job.record import metrics_uri
+from segpipe.tools.shapes import generate, write_dataset
 from tests.outputs import SHAPES_LABELS, ground_truth_detections, write_output
 
 SEED, COUNT = 5, 12

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segpipe import decode
-from segpipe.decode import DecodedImage, DecodeError, decode_image
+from segpipe.core import decode
+from segpipe.core.decode import DecodedImage, DecodeError, decode_image
 from tests.corpus import png_header_claiming
 
 

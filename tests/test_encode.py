@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from pycocotools import mask as mask_utils
 
-from segpipe.decode import DecodeError
-from segpipe.encode import (
+from segpipe.core.decode import DecodeError
+from segpipe.core.encode import (
     Detections,
     ImageRecord,
     ImageRef,

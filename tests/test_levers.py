@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
+from segpipe.analytics.evaluation import detection_results, evaluate
+from segpipe.analytics.query import connect
 from segpipe.cli import build_parser, main, run_config
 from segpipe.config import ModelConfig
-from segpipe.evaluation import detection_results, evaluate
-from segpipe.model import Segmenter
-from segpipe.query import connect
-from segpipe.record import read_record
-from segpipe.shapes import (
+from segpipe.core.model import Segmenter
+from segpipe.job.record import read_record
+from segpipe.tools.shapes import (
     CATEGORIES,
     coco_annotation_entries,
     coco_categories,

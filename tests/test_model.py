@@ -15,9 +15,8 @@ from torchvision.models.detection import maskrcnn_resnet50_fpn
 from torchvision.transforms.functional import to_tensor
 
 from segpipe.config import ModelConfig
-from segpipe.encode import ImageRef, decode_mask, instances_table
-from segpipe.io import sha256_hex
-from segpipe.model import (
+from segpipe.core.encode import ImageRef, decode_mask, instances_table
+from segpipe.core.model import (
     COCO_CATEGORIES,
     Segmenter,
     WeightsError,
@@ -26,6 +25,7 @@ from segpipe.model import (
     load_checkpoint,
     resolve_device,
 )
+from segpipe.io import sha256_hex
 
 # Small images and settings keep a CPU forward pass of R50-FPN well under a second.
 SMALL = dict(min_size=96, max_size=160, max_detections=12)

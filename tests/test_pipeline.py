@@ -15,17 +15,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from segpipe.analytics.query import connect
 from segpipe.cli import main
 from segpipe.config import ModelConfig, RunConfig
-from segpipe.decode import DecodedImage, decode_image
-from segpipe.encode import ImageRef, instances_table
+from segpipe.core.decode import DecodedImage, decode_image
+from segpipe.core.encode import ImageRef, instances_table
+from segpipe.core.model import Segmenter
 from segpipe.io import sha256_hex
-from segpipe.model import Segmenter
-from segpipe.pipeline import OutputError, run
-from segpipe.query import connect
-from segpipe.record import read_record
-from segpipe.samples import sample_image
+from segpipe.job.pipeline import OutputError, run
+from segpipe.job.record import read_record
 from segpipe.schema import IMAGES_SCHEMA, INSTANCES_SCHEMA, image_id
+from segpipe.tools.samples import sample_image
 from tests.conftest import FAKE_SECRET
 
 SMALL = dict(min_size=96, max_size=160, max_detections=6)
@@ -293,7 +293,7 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
 
 
 def test_record_has_no_secrets_in_uris(tmp_path: Path) -> None:
-    from segpipe.record import public_config
+    from segpipe.job.record import public_config
 
     cfg = RunConfig(
         output="s3://bucket/out",
@@ -321,7 +321,7 @@ def test_output_uris_are_validated(output: str, message: str) -> None:
 
 
 def test_listing_is_streamed_into_bounded_shards(tmp_path: Path) -> None:
-    from segpipe.inputs import list_images, write_listing
+    from segpipe.job.inputs import list_images, write_listing
 
     for i in range(25):
         (tmp_path / "imgs" / f"d{i % 3}").mkdir(parents=True, exist_ok=True)
@@ -342,7 +342,7 @@ def test_listing_is_streamed_into_bounded_shards(tmp_path: Path) -> None:
 def test_local_paths_are_made_absolute(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, random_checkpoint: Path
 ) -> None:
-    from segpipe.pipeline import _resolved
+    from segpipe.job.pipeline import _resolved
 
     monkeypatch.chdir(random_checkpoint.parent)
     cfg = _resolved(
@@ -362,7 +362,7 @@ def test_local_paths_are_made_absolute(
 
 
 def test_s3_globs_and_prefixes(s3_env: str) -> None:
-    from segpipe.inputs import InputError, list_images
+    from segpipe.job.inputs import InputError, list_images
 
     fs = fsspec.filesystem("s3")
     fs.makedirs("segpipe-glob", exist_ok=True)

@@ -30,16 +30,16 @@ import psutil
 import pyarrow as pa
 import pytest
 
+from segpipe.analytics.query import connect
 from segpipe.cli import main
-from segpipe.commit import STAGING_DIR, Unit, recover, staging_root, units
 from segpipe.config import ModelConfig, RunConfig
-from segpipe.encode import Detections
-from segpipe.pipeline import OutputError, run
-from segpipe.query import connect
-from segpipe.samples import sample_image
+from segpipe.core.encode import Detections
+from segpipe.job.commit import STAGING_DIR, Unit, recover, staging_root, units
+from segpipe.job.pipeline import OutputError, run
+from segpipe.job.stages import image_rows
+from segpipe.job.writer import write_rows
 from segpipe.schema import image_id
-from segpipe.stages import image_rows
-from segpipe.writer import write_rows
+from segpipe.tools.samples import sample_image
 from tests.corpus import awkward_files, good_files
 from tests.faultproxy import FaultPlan, FaultProxy, fault_proxy
 
@@ -355,8 +355,8 @@ def table_files(output: Path) -> list[str]:
 def test_commit_protocol_recovers_every_crash_point(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import segpipe.commit as commit
-    import segpipe.writer as writer
+    import segpipe.job.commit as commit
+    import segpipe.job.writer as writer
 
     output = tmp_path / "out"
     rows = unit_rows("c", 3)
@@ -485,7 +485,7 @@ def test_a_retried_unit_keeps_its_first_commit(tmp_path: Path) -> None:
 def test_commit_refuses_a_unit_whose_staging_was_discarded(tmp_path: Path) -> None:
     """A writer from an earlier attempt that outlived a recovery must not commit a unit whose
     staged files the recovery deleted (its marker would name files that never appear)."""
-    import segpipe.commit as commit
+    import segpipe.job.commit as commit
 
     output = tmp_path / "out"
     unit = Unit("z", "part-zombie", {"images": ["images/run_id=z/part-zombie-0.parquet"]})
@@ -498,8 +498,8 @@ def test_commit_refuses_a_unit_whose_staging_was_discarded(tmp_path: Path) -> No
 
 
 def test_overwrite_and_resume_guard_the_old_run(tmp_path: Path, random_checkpoint: Path) -> None:
-    from segpipe.model import fingerprint_weights
-    from segpipe.record import public_config, read_record, write_record
+    from segpipe.core.model import fingerprint_weights
+    from segpipe.job.record import public_config, read_record, write_record
 
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -565,7 +565,7 @@ def test_transient_faults_are_told_from_answers() -> None:
 def test_one_driver_per_run(tmp_path: Path) -> None:
     """A second driver for a run is refused while the first holds its lease; a lease left by
     a process that no longer exists on this host is taken over at once."""
-    from segpipe.lease import LeaseError, RunLease, lease_path
+    from segpipe.job.lease import LeaseError, RunLease, lease_path
 
     output = str(tmp_path / "out")
     path = Path(lease_path(output, "l"))

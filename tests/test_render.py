@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from segpipe.analytics.render import class_colour
 from segpipe.cli import main
-from segpipe.render import class_colour
-from segpipe.shapes import generate, write_dataset
+from segpipe.tools.shapes import generate, write_dataset
 from tests.outputs import SHAPES_LABELS, ground_truth_detections, write_output
 
 SEED, COUNT = 9, 8

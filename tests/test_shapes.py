@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from pycocotools.coco import COCO
 
-from segpipe.decode import DecodedImage, decode_image
-from segpipe.shapes import CATEGORIES, MIN_PIXELS, generate, generate_image, write_dataset
+from segpipe.core.decode import DecodedImage, decode_image
+from segpipe.tools.shapes import CATEGORIES, MIN_PIXELS, generate, generate_image, write_dataset
 
 
 def test_same_seed_same_image_other_seed_other_image() -> None:

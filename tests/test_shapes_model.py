@@ -18,16 +18,16 @@ import numpy as np
 import pytest
 import torch
 
+from segpipe.analytics.evaluation import evaluate, format_metrics, predictions
+from segpipe.analytics.query import connect
 from segpipe.cli import main
 from segpipe.config import ModelConfig, RunConfig
-from segpipe.encode import decode_mask
-from segpipe.evaluation import evaluate, format_metrics, predictions
-from segpipe.model import Segmenter, WeightsError, build_model, fingerprint_weights
-from segpipe.pipeline import _resolved
-from segpipe.query import connect
-from segpipe.record import read_record
-from segpipe.shapes import CATEGORIES, generate_image, write_dataset
-from segpipe.tiny import ARCH
+from segpipe.core.encode import decode_mask
+from segpipe.core.model import Segmenter, WeightsError, build_model, fingerprint_weights
+from segpipe.core.tiny import ARCH
+from segpipe.job.pipeline import _resolved
+from segpipe.job.record import read_record
+from segpipe.tools.shapes import CATEGORIES, generate_image, write_dataset
 
 HELD_OUT_SEED = 1
 HELD_OUT_IMAGES = 40

@@ -15,10 +15,10 @@ import duckdb
 import numpy as np
 import pytest
 
+from segpipe.analytics.engines import ENGINES, SCHEMAS, ddl, spark_views
+from segpipe.analytics.query import connect, masks
 from segpipe.cli import main
-from segpipe.encode import decode_mask
-from segpipe.engines import ENGINES, SCHEMAS, ddl, spark_views
-from segpipe.query import connect, masks
+from segpipe.core.encode import decode_mask
 from tests.outputs import RUNS, coco_like_output
 
 README = Path(__file__).parents[1] / "README.md"

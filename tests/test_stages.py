@@ -12,11 +12,9 @@ import pyarrow as pa
 import pytest
 
 from segpipe.config import DecodeConfig, ModelConfig
-from segpipe.encode import Detections, ImageRef, decode_mask, instances_table
-from segpipe.model import Segmenter
-from segpipe.samples import sample_files
-from segpipe.schema import IMAGES_SCHEMA, INSTANCES_SCHEMA, image_id
-from segpipe.stages import (
+from segpipe.core.encode import Detections, ImageRef, decode_mask, instances_table
+from segpipe.core.model import Segmenter
+from segpipe.job.stages import (
     INSTANCE_STRUCT,
     Segment,
     encode_rows,
@@ -24,7 +22,9 @@ from segpipe.stages import (
     load_batch,
     split_tables,
 )
-from segpipe.writer import write_table
+from segpipe.job.writer import write_table
+from segpipe.schema import IMAGES_SCHEMA, INSTANCES_SCHEMA, image_id
+from segpipe.tools.samples import sample_files
 
 SMALL = dict(min_size=96, max_size=160, max_detections=8)
 
@@ -184,7 +184,7 @@ def test_cpu_tasks_never_import_torch() -> None:
     """What CPU tasks unpickle (the steps, the writer, the pipeline's sink) imports no torch:
     it would cost every CPU worker ~450 MB and seconds of start-up."""
     code = (
-        "import sys, segpipe.pipeline, segpipe.stages, segpipe.writer, segpipe.inputs; "
+        "import sys, segpipe.job.pipeline, segpipe.job.stages, segpipe.job.writer, segpipe.job.inputs; "
         "sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

@@ -20,7 +20,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 
-from segpipe.encode import decode_mask
+from segpipe.core.encode import decode_mask
 from segpipe.schema import IMAGES_DIR, INSTANCES_DIR
 
 MACROS = (

@@ -15,9 +15,9 @@ from typing import Any
 
 import fsspec
 
-from segpipe.commit import atomic_write
 from segpipe.config import RunConfig
 from segpipe.io import redact
+from segpipe.job.commit import atomic_write
 
 RUNS_DIR = "_runs"
 _PACKAGES = ("segpipe", "torch", "torchvision", "ray", "pyarrow", "pycocotools", "pillow")

@@ -8,7 +8,7 @@ Layout (Hive-style partitions, one folder level per partition column)::
 A partition column applies to each table that has it (``label`` partitions only
 ``instances``). File names are deterministic (``file_stem`` comes from the caller), so writing
 the same unit of work twice replaces its files instead of adding copies. :func:`write_rows`
-writes through the commit protocol (:mod:`segpipe.commit`): readers never see a partial file.
+writes through the commit protocol (:mod:`segpipe.job.commit`): readers never see a partial file.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pds
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-from segpipe.commit import (
+from segpipe.io import is_local, retrying
+from segpipe.job.commit import (
     Unit,
     WriteCounts,
     commit_unit,
@@ -30,9 +31,8 @@ from segpipe.commit import (
     publish_committed,
     staging_root,
 )
-from segpipe.io import is_local, retrying
+from segpipe.job.stages import split_tables
 from segpipe.schema import IMAGES_DIR, INSTANCES_DIR, STATUS_OK
-from segpipe.stages import split_tables
 
 
 def arrow_filesystem(output: str) -> tuple[PyFileSystem, str]:
@@ -73,7 +73,7 @@ def write_table(
 
 def write_rows(rows: pa.Table, output: str, *, partition_by: Sequence[str]) -> WriteCounts:
     """Write per-image rows with nested detections (``stages.image_rows``) as the two tables,
-    through the commit protocol of :mod:`segpipe.commit` (stage, commit, publish).
+    through the commit protocol of :mod:`segpipe.job.commit` (stage, commit, publish).
 
     The unit's name is a hash of the run id and the image ids it holds, so a retried write
     of the same images finds the unit's commit marker and keeps that first commit.

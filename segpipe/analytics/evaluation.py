@@ -25,8 +25,8 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from segpipe.encode import Detections, encode_detections
-from segpipe.query import iter_rows, pick_run
+from segpipe.analytics.query import iter_rows, pick_run
+from segpipe.core.encode import Detections, encode_detections
 
 # The 12 numbers COCOeval.summarize() prints, in its order.
 STAT_NAMES = (
@@ -73,7 +73,7 @@ def predictions(
     image_id_column: str | None = None,
 ) -> Predictions:
     """The instances of one run of an output (a connection from
-    :func:`segpipe.query.connect`) as COCO results for the ground truth ``gt`` (a COCO
+    :func:`segpipe.analytics.query.connect`) as COCO results for the ground truth ``gt`` (a COCO
     instances dict).
 
     Images match by file name: a ground-truth ``file_name`` (``0001.png`` or

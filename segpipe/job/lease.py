@@ -24,9 +24,9 @@ from typing import Any
 import fsspec
 import psutil
 
-from segpipe.commit import atomic_write
 from segpipe.io import redact, retrying
-from segpipe.record import RUNS_DIR
+from segpipe.job.commit import atomic_write
+from segpipe.job.record import RUNS_DIR
 
 log = logging.getLogger(__name__)
 

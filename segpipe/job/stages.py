@@ -29,8 +29,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from segpipe.config import DecodeConfig, ModelConfig
-from segpipe.decode import DecodedImage, DecodeError, decode_image
-from segpipe.encode import (
+from segpipe.core.decode import DecodedImage, DecodeError, decode_image
+from segpipe.core.encode import (
     WINDOWED_SCHEMA,
     Detections,
     ImageRecord,
@@ -39,8 +39,8 @@ from segpipe.encode import (
     images_table,
     windowed_instances_table,
 )
-from segpipe.inputs import canonical_uri
 from segpipe.io import read_bytes, redact
+from segpipe.job.inputs import canonical_uri
 from segpipe.schema import INSTANCES_SCHEMA, STATUS_ERROR, STATUS_OK, image_id
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ class Segment:
         # Imported here so that the CPU steps never pay for importing torch.
         import torch
 
-        from segpipe.model import Segmenter
+        from segpipe.core.model import Segmenter
 
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)

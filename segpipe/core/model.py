@@ -44,9 +44,9 @@ from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from segpipe import tiny
 from segpipe.config import FP16_ON_CPU, ModelConfig
-from segpipe.encode import Detections
+from segpipe.core import tiny
+from segpipe.core.encode import Detections
 from segpipe.io import read_bytes, redact, sha256_hex
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 from pycocotools import mask as mask_utils
 
-from segpipe.decode import DecodeError
+from segpipe.core.decode import DecodeError
 from segpipe.schema import IMAGES_SCHEMA, INSTANCES_SCHEMA, STATUS_ERROR, STATUS_OK
 
 

@@ -22,7 +22,7 @@ from typing import IO, Any
 import duckdb
 import fsspec
 
-from segpipe.query import iter_rows
+from segpipe.analytics.query import iter_rows
 
 _NUMBERED = (
     "SELECT uri, image_id, width, height, "
@@ -44,7 +44,7 @@ def export_coco(
     dataset_uri: str | None = None,
     min_score: float = 0.0,
 ) -> ExportCounts:
-    """Write the COCO results (and dataset) of ``run_id`` from a :func:`segpipe.query.connect`
+    """Write the COCO results (and dataset) of ``run_id`` from a :func:`segpipe.analytics.query.connect`
     connection. ``min_score`` leaves out weaker detections."""
     sql = (
         f"WITH numbered AS ({_NUMBERED}) SELECT n.coco_id, i.label_id, i.score, i.box_x0, "

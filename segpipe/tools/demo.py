@@ -1,6 +1,6 @@
 """``segpipe demo``: the whole job on one machine, against a real S3 API on loopback.
 
-Held-out images of the shapes dataset (:mod:`segpipe.shapes`) and their COCO annotations go
+Held-out images of the shapes dataset (:mod:`segpipe.tools.shapes`) and their COCO annotations go
 into a bucket of a moto S3 server on 127.0.0.1 (started and stopped here), with one corrupt
 file among them; the Ray Data job reads them from ``s3://`` with the shipped shapes model
 (``--weights shapes``) and writes its tables back to ``s3://``. At the end it prints a DuckDB
@@ -15,12 +15,12 @@ import os
 
 import fsspec
 
+from segpipe.analytics.evaluation import evaluate, format_metrics, predictions
+from segpipe.analytics.query import connect
 from segpipe.config import ModelConfig, RunConfig
-from segpipe.evaluation import evaluate, format_metrics, predictions
-from segpipe.pipeline import run
-from segpipe.query import connect
-from segpipe.s3local import loopback_s3_env
-from segpipe.shapes import write_dataset
+from segpipe.job.pipeline import run
+from segpipe.tools.s3local import loopback_s3_env
+from segpipe.tools.shapes import write_dataset
 
 log = logging.getLogger(__name__)
 

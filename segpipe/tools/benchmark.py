@@ -41,13 +41,13 @@ import psutil
 import pyarrow as pa
 
 from segpipe.config import BenchConfig, ModelConfig
-from segpipe.decode import DecodedImage, decode_image
-from segpipe.encode import Detections
-from segpipe.samples import sample_image
+from segpipe.core.decode import DecodedImage, decode_image
+from segpipe.core.encode import Detections
 from segpipe.schema import image_id
+from segpipe.tools.samples import sample_image
 
 if TYPE_CHECKING:  # the model module imports torch; bench imports it only when it runs
-    from segpipe.model import Segmenter
+    from segpipe.core.model import Segmenter
 
 NON_MODEL_IMAGES = 64
 BARE_MIN_ROUNDS = 3  # one round of 8 images on a CPU moved by 15 % between runs
@@ -159,8 +159,8 @@ def bench_non_model(cfg: BenchConfig, files: list[tuple[str, bytes]]) -> dict[st
     hold ``--images-per-file`` images, 5000 by default), so the commit protocol's fixed cost
     per unit is spread as it is in a run, not over 16 images.
     """
-    from segpipe.stages import encode_rows, image_rows
-    from segpipe.writer import write_rows
+    from segpipe.job.stages import encode_rows, image_rows
+    from segpipe.job.writer import write_rows
 
     det = fixed_detections(cfg)
     categories = ["__background__", "thing"]
@@ -198,7 +198,7 @@ def bench_bare(cfg: BenchConfig, files: list[tuple[str, bytes]]) -> tuple[float,
     """Images per second of the model alone, and the device it ran on."""
     import torch
 
-    from segpipe.model import Segmenter
+    from segpipe.core.model import Segmenter
 
     segmenter = Segmenter(model_config(cfg))
     images = decoded(files)
@@ -224,7 +224,7 @@ def detect_rate(
     beforehand, in batches of ``batch_size``, after one warm-up batch (allocator, cuDNN
     autotuning, lazy init): rounds over all images until ``min_rounds`` and ``min_seconds``
     are both reached, the median round counted. Also the last batch's detections."""
-    from segpipe.model import synchronize
+    from segpipe.core.model import synchronize
 
     tensors = [segmenter.to_tensor(image) for image in images]
     batches = [tensors[i : i + batch_size] for i in range(0, len(tensors), batch_size)]
@@ -260,7 +260,7 @@ def bench_pipeline(cfg: BenchConfig, count: int, run: int) -> PipelineFigures:
     import torch
 
     from segpipe.config import RunConfig
-    from segpipe.pipeline import run as run_pipeline
+    from segpipe.job.pipeline import run as run_pipeline
 
     fs = fsspec.filesystem("s3", skip_instance_cache=True)
     prefix = f"bench/in-{run}"
@@ -292,7 +292,7 @@ def bench_pipeline(cfg: BenchConfig, count: int, run: int) -> PipelineFigures:
 
 
 def run_benchmark(cfg: BenchConfig) -> BenchResult:
-    from segpipe.s3local import loopback_s3_env
+    from segpipe.tools.s3local import loopback_s3_env
 
     files = list(jpeg_images(cfg, cfg.images))
     # The non-model stages are measured over at least NON_MODEL_IMAGES images (they cost a
@@ -301,7 +301,7 @@ def run_benchmark(cfg: BenchConfig) -> BenchResult:
     stage_ms = bench_non_model(cfg, files + [(f"x{name}", data) for name, data in extra])
     bare, device = bench_bare(cfg, files)
     stage_ms["model (bare)"] = 1000 / bare
-    from segpipe.pipeline import ray_runtime
+    from segpipe.job.pipeline import ray_runtime
 
     os.environ.pop("RAY_ADDRESS", None)
     figures = []

@@ -42,13 +42,13 @@ from ray.data import ActorPoolStrategy, Dataset
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink, WriteResult
 
-from segpipe.commit import COMMITS_DIR, WriteCounts, atomic_write, delete_run, recover, units
 from segpipe.config import RunConfig
-from segpipe.inputs import check_manifest, list_images, manifest_format, prepare_manifest_batch
-from segpipe.inputs import write_listing as write_listing_shards
 from segpipe.io import absolute, is_local, redact
-from segpipe.lease import RunLease
-from segpipe.record import (
+from segpipe.job.commit import COMMITS_DIR, WriteCounts, atomic_write, delete_run, recover, units
+from segpipe.job.inputs import check_manifest, list_images, manifest_format, prepare_manifest_batch
+from segpipe.job.inputs import write_listing as write_listing_shards
+from segpipe.job.lease import RunLease
+from segpipe.job.record import (
     RUNS_DIR,
     metrics_rel,
     now,
@@ -58,9 +58,9 @@ from segpipe.record import (
     versions,
     write_record,
 )
+from segpipe.job.stages import Segment, encode_rows, load_batch, with_image_ids
+from segpipe.job.writer import arrow_filesystem, write_rows
 from segpipe.schema import IMAGES_DIR, INSTANCES_DIR
-from segpipe.stages import Segment, encode_rows, load_batch, with_image_ids
-from segpipe.writer import arrow_filesystem, write_rows
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def run(cfg: RunConfig) -> RunSummary:
     # The model module (torch, torchvision: ~450 MB and seconds to import) is imported here,
     # on the driver, not at the top: write tasks unpickle _TablesSink from this module, and
     # every CPU worker would otherwise load torch.
-    from segpipe.model import fingerprint_weights
+    from segpipe.core.model import fingerprint_weights
 
     weights = fingerprint_weights(cfg.model)
     extras = check_manifest(cfg.manifest, cfg.uri_column) if cfg.manifest else []
@@ -377,7 +377,7 @@ def _without_committed(ds: Dataset, cfg: RunConfig, done_files: list[str]) -> Da
 
 def _resolved(cfg: RunConfig) -> RunConfig:
     """Fill in the run id and make local paths absolute (workers may run elsewhere)."""
-    from segpipe.model import SHIPPED_WEIGHTS
+    from segpipe.core.model import SHIPPED_WEIGHTS
 
     model = cfg.model
     if model.weights not in SHIPPED_WEIGHTS and os.path.exists(model.weights):

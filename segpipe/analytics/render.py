@@ -24,10 +24,10 @@ import fsspec
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from segpipe.decode import DecodedImage, decode_image
-from segpipe.encode import decode_mask
+from segpipe.analytics.query import iter_rows
+from segpipe.core.decode import DecodedImage, decode_image
+from segpipe.core.encode import decode_mask
 from segpipe.io import read_bytes, redact
-from segpipe.query import iter_rows
 
 
 @dataclass(frozen=True)
