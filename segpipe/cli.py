@@ -309,10 +309,11 @@ def query_command(output: str, sql: str, fmt: str) -> int:
 
 
 def eval_command(args: argparse.Namespace) -> int:
+    from segpipe import layout
     from segpipe.analytics.evaluation import evaluate, predictions
     from segpipe.analytics.query import connect, pick_run
     from segpipe.io import read_bytes, redact, sha256_hex
-    from segpipe.job.record import metrics_uri, now, write_json
+    from segpipe.job.record import now, write_json
 
     raw = read_bytes(args.annotations)
     try:
@@ -334,7 +335,7 @@ def eval_command(args: argparse.Namespace) -> int:
         print(f"left out, labels not in the annotations: {found.unknown_labels}")
     for iou_type, table in metrics.tables.items():
         print(f"\n{iou_type}:\n{table}")
-    target = metrics_uri(args.output, run_id)
+    target = layout.metrics(args.output.rstrip("/"), run_id)
     write_json(
         target,
         {

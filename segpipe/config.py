@@ -5,13 +5,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from segpipe.core.decode import DEFAULT_MAX_PIXELS
-
 ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_tiny_fpn")
 # ``auto``: the arch a checkpoint records, else the first of ARCHS.
 ARCH_CHOICES = ("auto", *ARCHS)
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
+# 50 megapixels: an 8660x5773 photo. Mask R-CNN rescales to a short side of 800 anyway; larger
+# inputs cost memory (3 bytes a pixel decoded, 12 as a float tensor) without adding detail.
+DEFAULT_MAX_PIXELS = 50_000_000
 FP16_ON_CPU = (
     "precision fp16 is for GPUs: on a CPU, fp16 autocast runs R50-FPN many times slower than "
     "bf16; use bf16 (or fp32) there"

@@ -11,13 +11,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import posixpath
 import random
 import re
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import fsspec
+from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,32 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     """Whether ``fs`` is a local disk (folders exist, renames are atomic), not an object store."""
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
     return "file" in protocols or "local" in protocols
+
+
+def fs_root(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem of ``uri`` and the path on it, without a trailing slash."""
+    fs, root = fsspec.core.url_to_fs(uri)
+    return fs, root.rstrip("/")
+
+
+def arrow_filesystem(uri: str) -> tuple[PyFileSystem, str]:
+    """A pyarrow view of the fsspec filesystem of ``uri`` (for pyarrow's and Ray's readers
+    and writers), and the path on it, without a trailing slash."""
+    fs, root = fs_root(uri)
+    return PyFileSystem(FSSpecHandler(fs)), root
+
+
+def atomic_write(fs: fsspec.AbstractFileSystem, path: str, text: str) -> None:
+    """Write ``text`` so that ``path`` holds either nothing or all of it. On an object store
+    one PUT already is (an object appears only when complete); on a local disk: a temporary
+    name in the same folder, then a rename."""
+    if not is_local(fs):
+        retrying(fs.pipe_file, path, text.encode())
+        return
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+    fs.pipe_file(temporary, text.encode())
+    fs.mv(temporary, path)
 
 
 def is_transient(exc: BaseException) -> bool:

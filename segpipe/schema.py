@@ -22,15 +22,49 @@ Conventions (the column contract; README.md "Output tables" says the same for SQ
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import pyarrow as pa
 
-# The two tables' folders under an output (``<output>/images/``, ``<output>/instances/``).
-IMAGES_DIR = "images"
-INSTANCES_DIR = "instances"
-
+# ``images.status``: every input image has one row, decoded and segmented or not.
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+
+# ``images.error_code`` of an error row: why that image has no detections.
+BAD_URI = "bad_uri"  # the manifest entry is not a usable URI (a relative path, ...)
+NOT_FOUND = "not_found"  # the object is gone (deleted after listing, a typo in a manifest)
+PERMISSION_DENIED = "permission_denied"  # the storage refused to serve it
+READ_ERROR = "read_error"  # reading failed for another reason, after the retries
+EMPTY = "empty"  # a file of 0 bytes
+NOT_AN_IMAGE = "not_an_image"  # text, HTML, SVG or an unknown format
+TOO_LARGE = "too_large"  # over max_pixels, refused from its header before decoding
+TRUNCATED = "truncated"  # the file ends early
+CORRUPT = "corrupt"  # a broken header or broken compressed data
+MODEL_ERROR = "model_error"  # the model failed on this image alone
+ERROR_CODES = (
+    BAD_URI,
+    NOT_FOUND,
+    PERMISSION_DENIED,
+    READ_ERROR,
+    EMPTY,
+    NOT_AN_IMAGE,
+    TOO_LARGE,
+    TRUNCATED,
+    CORRUPT,
+    MODEL_ERROR,
+)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why an image has no detections: its error row's ``error_code`` (one of
+    :data:`ERROR_CODES`) and ``error`` message, and its size when the header gave one."""
+
+    code: str
+    message: str
+    width: int | None = None
+    height: int | None = None
+
 
 INSTANCES_SCHEMA = pa.schema(
     [
@@ -60,8 +94,8 @@ IMAGES_SCHEMA = pa.schema(
         # Null when the image could not be decoded.
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
-        pa.field("status", pa.string(), nullable=False),  # "ok" | "error"
-        # Short machine-readable cause ("empty", "truncated", "not_an_image", ...); null if ok.
+        pa.field("status", pa.string(), nullable=False),  # STATUS_OK | STATUS_ERROR
+        # One of ERROR_CODES; null if ok.
         pa.field("error_code", pa.string()),
         # Human-readable message naming the cause; null if ok.
         pa.field("error", pa.string()),

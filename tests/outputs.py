@@ -7,11 +7,12 @@ from typing import Any
 
 import numpy as np
 
-from segpipe.core.encode import Detections
+from segpipe.core.detections import Detections
 from segpipe.job.stages import image_rows
 from segpipe.job.writer import write_rows
 from segpipe.schema import image_id
 from segpipe.tools.shapes import CATEGORIES, ShapesImage
+from tests.masks import detections_from_full_masks
 
 SHAPES_LABELS = ("__background__", *CATEGORIES)
 
@@ -64,7 +65,7 @@ def ground_truth_detections(image: ShapesImage, shift: int = 0) -> Detections:
         ys, xs = np.nonzero(mask)
         boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
     n = len(masks)
-    return Detections.from_full_masks(
+    return detections_from_full_masks(
         boxes=np.array(boxes, dtype=np.float32).reshape(n, 4),
         labels=np.array([SHAPES_LABELS.index(s.category) for s in image.shapes], dtype=np.int64),
         scores=np.array([1.0 - k / 100 for k in range(n)], dtype=np.float32),
@@ -110,7 +111,7 @@ def coco_like_output(output: str, images: int = 30, seed: int = 0) -> None:
                 used_scores.add(score)
                 scores.append(score)
             order = np.argsort(scores)[::-1]
-            det = Detections.from_full_masks(
+            det = detections_from_full_masks(
                 boxes=np.array(boxes, dtype=np.float32).reshape(n, 4)[order],
                 labels=rng.choice([1, 1, 1, 2, 3, 4], size=n).astype(np.int64),
                 scores=np.array(scores, dtype=np.float32)[order],

@@ -12,6 +12,7 @@ import numpy as np
 from segpipe.config import BenchConfig
 from segpipe.tools.benchmark import bench_non_model, fixed_detections, jpeg_images
 from tests.conftest import REPO, run_isolated
+from tests.masks import full_masks
 
 
 def run_job(script: str, args: list[str]) -> subprocess.CompletedProcess[str]:
@@ -22,8 +23,8 @@ def run_job(script: str, args: list[str]) -> subprocess.CompletedProcess[str]:
 def test_fixed_detections_and_non_model_stages() -> None:
     cfg = BenchConfig(width=64, height=48, detections=7, images=3)
     det = fixed_detections(cfg)
-    assert det.full_masks().shape == (7, 48, 64) and len(det) == 7
-    for mask, box in zip(det.full_masks(), det.boxes, strict=True):
+    assert full_masks(det).shape == (7, 48, 64) and len(det) == 7
+    for mask, box in zip(full_masks(det), det.boxes, strict=True):
         ys, xs = np.nonzero(mask)
         assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == tuple(box)
     stages = bench_non_model(cfg, list(jpeg_images(cfg, 3)))

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from segpipe.cli import main
-from segpipe.core.encode import Detections
 from segpipe.job.stages import image_rows
 from segpipe.job.writer import write_rows
 from tests.conftest import run_isolated
+from tests.masks import detections_from_full_masks
 
 
 @pytest.fixture
@@ -22,7 +22,7 @@ def output(tmp_path: Path) -> str:
     """A small output written by the writer directly: two images, three instances."""
     masks = np.zeros((3, 20, 30), dtype=bool)
     masks[0, 2:8, 3:9] = masks[1, 10:15, 10:20] = masks[2, 0:2, 0:2] = True
-    det = Detections.from_full_masks(
+    det = detections_from_full_masks(
         boxes=np.array([[3, 2, 9, 8], [10, 10, 20, 15], [0, 0, 2, 2]], dtype=np.float32),
         labels=np.array([1, 1, 3]),
         scores=np.array([0.9, 0.6, 0.3], dtype=np.float32),

@@ -14,10 +14,11 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from segpipe import layout
 from segpipe.analytics.evaluation import STAT_NAMES
 from segpipe.cli import main
-from segpipe.job.record import metrics_uri
 from segpipe.tools.shapes import generate, write_dataset
+from tests.masks import full_masks
 from tests.outputs import SHAPES_LABELS, ground_truth_detections, write_output
 
 SEED, COUNT = 5, 12
@@ -58,7 +59,7 @@ def test_predictions_equal_to_the_ground_truth_score_one(
     printed = capsys.readouterr().out
     assert f"{COUNT} images matched" in printed
     assert printed.count("Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all") == 2
-    metrics = json.loads(Path(metrics_uri(str(tmp_path / "out"), "exact")).read_text())
+    metrics = json.loads(Path(layout.metrics(str(tmp_path / "out"), "exact")).read_text())
     assert metrics["stats"]["segm"]["AP"] == pytest.approx(1.0)
     assert metrics["stats"]["bbox"]["AP"] == pytest.approx(1.0)
     assert metrics["images_matched"] == COUNT and metrics["matched_by"] == "file_name"
@@ -71,13 +72,13 @@ def test_a_shifted_copy_scores_what_pycocotools_gives(
     make_output(tmp_path / "out", root, "shifted", shift=4)
     args = ["--output", str(tmp_path / "out"), "--annotations", str(root / "annotations.json")]
     assert main(["eval", *args]) == 0
-    ours = json.loads(Path(metrics_uri(str(tmp_path / "out"), "shifted")).read_text())["stats"]
+    ours = json.loads(Path(layout.metrics(str(tmp_path / "out"), "shifted")).read_text())["stats"]
 
     # The same predictions built here, straight from the masks, and scored by pycocotools.
     results = []
     for image_id, image in enumerate(generate(SEED, COUNT), 1):
         det = ground_truth_detections(image, shift=4)
-        for mask, label, score in zip(det.full_masks(), det.labels, det.scores, strict=True):
+        for mask, label, score in zip(full_masks(det), det.labels, det.scores, strict=True):
             rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
             results.append(
                 {
@@ -104,7 +105,7 @@ def test_match_by_an_id_column(dataset: tuple[Path, dict[str, Any]], tmp_path: P
     args = ["eval", "--output", str(tmp_path / "out"), "--annotations", str(tmp_path / "gt.json")]
     assert main(args) == 2  # no file name matches
     assert main([*args, "--image-id-column", "coco_image_id"]) == 0
-    stats = json.loads(Path(metrics_uri(str(tmp_path / "out"), "ids")).read_text())["stats"]
+    stats = json.loads(Path(layout.metrics(str(tmp_path / "out"), "ids")).read_text())["stats"]
     assert stats["segm"]["AP"] == pytest.approx(1.0)
 
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segpipe.core import decode
-from segpipe.core.decode import DecodedImage, DecodeError, decode_image
+from segpipe import schema
+from segpipe.core.decode import DecodedImage, decode_image
+from segpipe.schema import Failure
 from tests.corpus import png_header_claiming
 
 
@@ -33,9 +34,9 @@ def decoded(data: bytes, **kwargs: int) -> np.ndarray:
     return result.pixels
 
 
-def failed(data: bytes, code: str, **kwargs: int) -> DecodeError:
+def failed(data: bytes, code: str, **kwargs: int) -> Failure:
     result = decode_image(data, **kwargs)
-    assert isinstance(result, DecodeError), result
+    assert isinstance(result, Failure), result
     assert result.code == code, result
     assert result.message
     return result
@@ -128,7 +129,7 @@ def test_tiny_and_very_thin_images(size: tuple[int, int]) -> None:
 
 
 def test_empty_file() -> None:
-    assert "0 bytes" in failed(b"", decode.EMPTY).message
+    assert "0 bytes" in failed(b"", schema.EMPTY).message
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
@@ -136,44 +137,44 @@ def test_truncated_files(fmt: str) -> None:
     rng = np.random.default_rng(0)
     noisy = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
     data = encode(Image.fromarray(noisy), fmt)
-    err = failed(data[: len(data) // 2], decode.TRUNCATED)
+    err = failed(data[: len(data) // 2], schema.TRUNCATED)
     assert fmt in err.message
     assert (err.width, err.height) == (64, 64)
 
 
 def test_text_with_an_image_name() -> None:
-    assert "plain text" in failed(b"hello, I am not a JPEG\n", decode.NOT_AN_IMAGE).message
+    assert "plain text" in failed(b"hello, I am not a JPEG\n", schema.NOT_AN_IMAGE).message
 
 
 def test_html_error_page_saved_as_jpg() -> None:
     page = b"<!DOCTYPE html>\n<html><body><h1>403 Forbidden</h1></body></html>"
-    assert "HTML" in failed(page, decode.NOT_AN_IMAGE).message
+    assert "HTML" in failed(page, schema.NOT_AN_IMAGE).message
 
 
 def test_random_binary_is_not_an_image() -> None:
     data = bytes(np.random.default_rng(1).integers(0, 255, 300, dtype=np.uint8))
-    failed(data, decode.NOT_AN_IMAGE)
+    failed(data, schema.NOT_AN_IMAGE)
 
 
 def test_pixel_limit_is_configurable() -> None:
     data = encode(Image.new("RGB", (300, 200)), "PNG")
-    err = failed(data, decode.TOO_LARGE, max_pixels=50_000)
+    err = failed(data, schema.TOO_LARGE, max_pixels=50_000)
     assert "300x200" in err.message and "50000" in err.message
     assert decoded(data, max_pixels=60_000).shape == (200, 300, 3)
 
 
 def test_decompression_bomb_is_refused_from_its_header() -> None:
     # 20000 x 20000 declared in 100 bytes: refused without allocating 1.2 GB of pixels.
-    err = failed(png_header_claiming(20000, 20000), decode.TOO_LARGE)
+    err = failed(png_header_claiming(20000, 20000), schema.TOO_LARGE)
     assert "400000000" in err.message and "refused before decoding" in err.message
 
 
 def test_header_over_our_limit_but_under_pillows() -> None:
-    err = failed(png_header_claiming(9000, 9000), decode.TOO_LARGE)
+    err = failed(png_header_claiming(9000, 9000), schema.TOO_LARGE)
     assert "9000x9000" in err.message and "max_pixels" in err.message
     assert (err.width, err.height) == (9000, 9000)
 
 
 def test_decompression_bomb_beyond_pillows_own_limit() -> None:
-    err = failed(png_header_claiming(100_000, 100_000), decode.TOO_LARGE, max_pixels=10**12)
+    err = failed(png_header_claiming(100_000, 100_000), schema.TOO_LARGE, max_pixels=10**12)
     assert "too large" in err.message

@@ -11,18 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 from pycocotools import mask as mask_utils
 
-from segpipe.core.decode import DecodeError
-from segpipe.core.encode import (
-    Detections,
-    ImageRecord,
-    ImageRef,
-    decode_mask,
-    encode_masks,
-    encode_window,
-    images_table,
-    instances_table,
-)
-from segpipe.schema import IMAGES_SCHEMA, INSTANCES_SCHEMA, image_id
+from segpipe.core.detections import Detections
+from segpipe.core.encode import decode_mask, encode_detections, encode_window
+from segpipe.core.rows import ImageRecord, ImageRef, images_table
+from segpipe.schema import IMAGES_SCHEMA, INSTANCES_SCHEMA, Failure, image_id
+from tests.masks import detections_from_full_masks, instances_rows
 
 CATEGORIES = ("__background__", "circle", "square", "triangle")
 
@@ -38,10 +31,19 @@ def random_masks(n: int, height: int, width: int, seed: int = 0) -> np.ndarray:
     return masks
 
 
+def encode_masks(masks: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """The RLE counts strings and areas of image-sized masks ``(N, H, W)``, encoded as the
+    library encodes detections (each mask from the window around its pixels)."""
+    n = len(masks)
+    zeros = np.zeros(n, np.float32)
+    det = detections_from_full_masks(np.zeros((n, 4), np.float32), zeros, zeros, masks)
+    return encode_detections(det)
+
+
 def detections(masks: np.ndarray, scores: list[float], labels: list[int]) -> Detections:
     n, height, width = masks.shape
     boxes = np.tile(np.array([1.5, 2.5, width - 1.0, height - 2.0], dtype=np.float32), (n, 1))
-    return Detections.from_full_masks(
+    return detections_from_full_masks(
         boxes=boxes,
         labels=np.array(labels, dtype=np.int64),
         scores=np.array(scores, dtype=np.float32),
@@ -82,7 +84,7 @@ def test_rows_are_ordered_by_score_with_rank_ids() -> None:
     masks = random_masks(3, 20, 30)
     det = detections(masks, scores=[0.2, 0.9, 0.5], labels=[1, 2, 3])
     ref = ImageRef("run1", image_id("s3://b/a.jpg"), "s3://b/a.jpg", width=30, height=20)
-    table = instances_table([ref], [det], CATEGORIES)
+    table = instances_rows([ref], [det], CATEGORIES)
     assert table.schema == INSTANCES_SCHEMA
     rows = table.to_pylist()
     assert [r["instance_id"] for r in rows] == [0, 1, 2]
@@ -96,17 +98,17 @@ def test_rows_are_ordered_by_score_with_rank_ids() -> None:
 
 
 def test_zero_detections_keep_the_schema() -> None:
-    empty = Detections.from_full_masks(
+    empty = detections_from_full_masks(
         boxes=np.zeros((0, 4), np.float32),
         labels=np.zeros(0, np.int64),
         scores=np.zeros(0, np.float32),
         masks=np.zeros((0, 20, 30), bool),
     )
     ref = ImageRef("run1", "id", "u", 30, 20)
-    none_table = instances_table([ref], [empty], CATEGORIES)
+    none_table = instances_rows([ref], [empty], CATEGORIES)
     assert none_table.num_rows == 0 and none_table.schema == INSTANCES_SCHEMA
-    assert instances_table([], [], CATEGORIES).schema == INSTANCES_SCHEMA
-    some = instances_table(
+    assert instances_rows([], [], CATEGORIES).schema == INSTANCES_SCHEMA
+    some = instances_rows(
         [ref], [detections(random_masks(2, 20, 30), [0.5, 0.4], [1, 1])], CATEGORIES
     )
     assert pa.concat_tables([none_table, some]).num_rows == 2
@@ -115,12 +117,12 @@ def test_zero_detections_keep_the_schema() -> None:
 def test_mask_size_must_match_the_image() -> None:
     det = detections(random_masks(1, 20, 30), [0.5], [1])
     with pytest.raises(ValueError, match="are for a 30x20 image, image is 20x30"):
-        instances_table([ImageRef("r", "i", "u", width=20, height=30)], [det], CATEGORIES)
+        instances_rows([ImageRef("r", "i", "u", width=20, height=30)], [det], CATEGORIES)
 
 
 def test_images_table_ok_and_error_rows() -> None:
     ok = ImageRecord.ok(ImageRef("r", "i1", "u1", 30, 20), num_instances=3)
-    bad = ImageRecord.failed("r", "i2", "u2", DecodeError("truncated", "JPEG data is truncated"))
+    bad = ImageRecord.failed("r", "i2", "u2", Failure("truncated", "JPEG data is truncated"))
     table = images_table([ok, bad])
     assert table.schema == IMAGES_SCHEMA
     assert table.to_pylist() == [
@@ -143,7 +145,7 @@ def test_image_id_is_stable_and_distinct() -> None:
 def test_parquet_read_back_through_duckdb(tmp_path: Path) -> None:
     masks = random_masks(4, 25, 41, seed=3)
     ref = ImageRef("run1", image_id("file:///x.png"), "file:///x.png", width=41, height=25)
-    table = instances_table(
+    table = instances_rows(
         [ref], [detections(masks, [0.9, 0.8, 0.7, 0.6], [1, 2, 3, 1])], CATEGORIES
     )
     path = tmp_path / "instances.parquet"

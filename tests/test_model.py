@@ -15,7 +15,7 @@ from torchvision.models.detection import maskrcnn_resnet50_fpn
 from torchvision.transforms.functional import to_tensor
 
 from segpipe.config import ModelConfig
-from segpipe.core.encode import ImageRef, decode_mask, instances_table
+from segpipe.core.encode import decode_mask
 from segpipe.core.model import (
     COCO_CATEGORIES,
     Segmenter,
@@ -25,7 +25,9 @@ from segpipe.core.model import (
     load_checkpoint,
     resolve_device,
 )
+from segpipe.core.rows import ImageRef
 from segpipe.io import sha256_hex
+from tests.masks import instances_rows
 
 # Small images and settings keep a CPU forward pass of R50-FPN well under a second.
 SMALL = dict(min_size=96, max_size=160, max_detections=12)
@@ -87,7 +89,7 @@ def test_parity_with_a_direct_torchvision_call(
         ImageRef("run", f"id{i}", f"u{i}", image.shape[1], image.shape[0])
         for i, image in enumerate(images)
     ]
-    table = instances_table(refs, ours, segmenter.categories).to_pylist()
+    table = instances_rows(refs, ours, segmenter.categories).to_pylist()
     total = 0
     for i, (det, ref_out) in enumerate(zip(ours, theirs, strict=True)):
         assert len(det) > 0, "random weights should still produce detections"

@@ -19,14 +19,16 @@ from segpipe.analytics.query import connect
 from segpipe.cli import main
 from segpipe.config import ModelConfig, RunConfig
 from segpipe.core.decode import DecodedImage, decode_image
-from segpipe.core.encode import ImageRef, instances_table
 from segpipe.core.model import Segmenter
+from segpipe.core.rows import ImageRef
 from segpipe.io import sha256_hex
-from segpipe.job.pipeline import OutputError, run
+from segpipe.job.pipeline import run
 from segpipe.job.record import read_record
+from segpipe.job.runs import OutputError
 from segpipe.schema import IMAGES_SCHEMA, INSTANCES_SCHEMA, image_id
 from segpipe.tools.samples import sample_image
 from tests.conftest import FAKE_SECRET
+from tests.masks import instances_rows
 
 SMALL = dict(min_size=96, max_size=160, max_detections=6)
 SIZES = [(160, 120), (90, 150), (200, 100), (64, 64)]
@@ -55,7 +57,7 @@ def core_instances(uris: list[str], checkpoint: Path, run_id: str) -> pa.Table:
                 image = decode_image(f.read())
             assert isinstance(image, DecodedImage)
             ref = ImageRef(run_id, image_id(uri), uri, image.width, image.height)
-            tables.append(instances_table([ref], segmenter([image.pixels]), segmenter.categories))
+            tables.append(instances_rows([ref], segmenter([image.pixels]), segmenter.categories))
     finally:
         torch.set_num_threads(threads)
     return pa.concat_tables(tables)
@@ -342,10 +344,10 @@ def test_listing_is_streamed_into_bounded_shards(tmp_path: Path) -> None:
 def test_local_paths_are_made_absolute(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, random_checkpoint: Path
 ) -> None:
-    from segpipe.job.pipeline import _resolved
+    from segpipe.job.runs import resolved
 
     monkeypatch.chdir(random_checkpoint.parent)
-    cfg = _resolved(
+    cfg = resolved(
         RunConfig(
             output="out/",
             manifest="list.csv",
@@ -357,7 +359,7 @@ def test_local_paths_are_made_absolute(
     assert cfg.model.weights == str(random_checkpoint)
     assert cfg.model.categories == str(random_checkpoint.parent / "names.txt")
     assert cfg.run_id is not None and cfg.run_id.startswith("run-")
-    named = _resolved(RunConfig(output="s3://b/o", inputs=("s3://b/i/",), run_id="x"))
+    named = resolved(RunConfig(output="s3://b/o", inputs=("s3://b/i/",), run_id="x"))
     assert (named.output, named.run_id, named.model.weights) == ("s3://b/o", "x", "DEFAULT")
 
 

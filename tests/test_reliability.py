@@ -30,18 +30,22 @@ import psutil
 import pyarrow as pa
 import pytest
 
+from segpipe import layout
 from segpipe.analytics.query import connect
 from segpipe.cli import main
 from segpipe.config import ModelConfig, RunConfig
-from segpipe.core.encode import Detections
-from segpipe.job.commit import STAGING_DIR, Unit, recover, staging_root, units
-from segpipe.job.pipeline import OutputError, run
+from segpipe.io import atomic_write
+from segpipe.job.commit import Unit, recover, units
+from segpipe.job.pipeline import run
+from segpipe.job.runs import OutputError
 from segpipe.job.stages import image_rows
 from segpipe.job.writer import write_rows
+from segpipe.layout import STAGING_DIR
 from segpipe.schema import image_id
 from segpipe.tools.samples import sample_image
 from tests.corpus import awkward_files, good_files
 from tests.faultproxy import FaultPlan, FaultProxy, fault_proxy
+from tests.masks import detections_from_full_masks
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = f"segpipe-secret-{uuid.uuid4().hex}"
@@ -326,7 +330,7 @@ def test_a_killed_model_actor_costs_nothing(
 def unit_rows(run_id: str, n: int, labels: tuple[str, ...] = ("background", "thing")) -> object:
     masks = np.zeros((1, 8, 8), dtype=bool)
     masks[0, 2:5, 2:5] = True
-    det = Detections.from_full_masks(
+    det = detections_from_full_masks(
         boxes=np.array([[2, 2, 5, 5]], dtype=np.float32),
         labels=np.array([1]),
         scores=np.array([0.9], dtype=np.float32),
@@ -355,7 +359,6 @@ def table_files(output: Path) -> list[str]:
 def test_commit_protocol_recovers_every_crash_point(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import segpipe.job.commit as commit
     import segpipe.job.writer as writer
 
     output = tmp_path / "out"
@@ -391,10 +394,10 @@ def test_commit_protocol_recovers_every_crash_point(
     # images file first.
     pending = staged_only("e")
     fs, root = fsspec.core.url_to_fs(str(output))
-    commit.atomic_write(fs, commit.marker_path(root, "e", pending.stem), pending.to_json())
+    atomic_write(fs, layout.marker(root, "e", pending.stem), pending.to_json())
     (images_file,) = pending.files["images"]
     (output / images_file).parent.mkdir(parents=True)
-    fs.mv(f"{staging_root(root, 'e', pending.stem)}/{images_file}", f"{root}/{images_file}")
+    fs.mv(f"{layout.staged_unit(root, 'e', pending.stem)}/{images_file}", f"{root}/{images_file}")
     assert (output / images_file).exists() and not (output / pending.files["instances"][0]).exists()
     assert recover(str(output), "e") == (1, 0)
     assert (output / pending.files["instances"][0]).exists()
@@ -565,10 +568,10 @@ def test_transient_faults_are_told_from_answers() -> None:
 def test_one_driver_per_run(tmp_path: Path) -> None:
     """A second driver for a run is refused while the first holds its lease; a lease left by
     a process that no longer exists on this host is taken over at once."""
-    from segpipe.job.lease import LeaseError, RunLease, lease_path
+    from segpipe.job.lease import LeaseError, RunLease
 
     output = str(tmp_path / "out")
-    path = Path(lease_path(output, "l"))
+    path = Path(layout.lease(output, "l"))
     with RunLease(output, "l"), pytest.raises(LeaseError, match="written by another driver"):
         RunLease(output, "l").__enter__()
     assert not path.exists()  # released on exit

@@ -25,9 +25,10 @@ from segpipe.config import ModelConfig, RunConfig
 from segpipe.core.encode import decode_mask
 from segpipe.core.model import Segmenter, WeightsError, build_model, fingerprint_weights
 from segpipe.core.tiny import ARCH
-from segpipe.job.pipeline import _resolved
 from segpipe.job.record import read_record
+from segpipe.job.runs import resolved
 from segpipe.tools.shapes import CATEGORIES, generate_image, write_dataset
+from tests.masks import full_masks
 
 HELD_OUT_SEED = 1
 HELD_OUT_IMAGES = 40
@@ -107,8 +108,8 @@ def test_the_name_shapes_wins_over_a_local_folder(
     cfg = RunConfig(
         output=str(tmp_path / "out"), inputs=("shapes",), model=ModelConfig(weights="shapes")
     )
-    assert _resolved(cfg).model.weights == "shapes"
-    assert fingerprint_weights(_resolved(cfg).model)["arch"] == ARCH
+    assert resolved(cfg).model.weights == "shapes"
+    assert fingerprint_weights(resolved(cfg).model)["arch"] == ARCH
 
 
 def test_shipped_checkpoint_is_small_and_an_ordinary_checkpoint() -> None:
@@ -121,7 +122,7 @@ def test_shipped_checkpoint_is_small_and_an_ordinary_checkpoint() -> None:
     assert by_path.weights.arch == ARCH and by_path.categories == by_name.categories
     (a,), (b,) = by_name([image]), by_path([image])
     assert len(a) > 0 and np.array_equal(a.scores, b.scores)
-    assert np.array_equal(a.full_masks(), b.full_masks())
+    assert np.array_equal(full_masks(a), full_masks(b))
 
 
 def test_run_record_names_the_shipped_weights(held_out_run: dict[str, Any]) -> None:

@@ -12,8 +12,10 @@ import pyarrow as pa
 import pytest
 
 from segpipe.config import DecodeConfig, ModelConfig
-from segpipe.core.encode import Detections, ImageRef, decode_mask, instances_table
+from segpipe.core.detections import Detections
+from segpipe.core.encode import decode_mask
 from segpipe.core.model import Segmenter
+from segpipe.core.rows import ImageRef
 from segpipe.job.stages import (
     INSTANCE_STRUCT,
     Segment,
@@ -24,7 +26,8 @@ from segpipe.job.stages import (
 )
 from segpipe.job.writer import write_table
 from segpipe.schema import IMAGES_SCHEMA, INSTANCES_SCHEMA, image_id
-from segpipe.tools.samples import sample_files
+from segpipe.tools.samples import sample_image
+from tests.masks import detections_from_full_masks, full_masks, instances_rows
 
 SMALL = dict(min_size=96, max_size=160, max_detections=8)
 
@@ -37,9 +40,10 @@ def weights(random_checkpoint: Path) -> str:
 @pytest.fixture
 def inputs(tmp_path: Path) -> list[str]:
     uris = []
-    for name, data in sample_files(3, seed=7):
-        (tmp_path / name).write_bytes(data)
-        uris.append((tmp_path / name).as_uri())
+    for i, (fmt, ext) in enumerate([("JPEG", "jpg"), ("PNG", "png"), ("JPEG", "jpg")]):
+        path = tmp_path / f"sample_{i:05d}.{ext}"
+        sample_image(7 * 1_000_003 + i).save(path, format=fmt)
+        uris.append(path.as_uri())
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     return [*uris, (tmp_path / "bad.jpg").as_uri(), (tmp_path / "missing.png").as_uri()]
 
@@ -84,7 +88,7 @@ def test_segment_then_split_equals_the_core(
         ImageRef("r1", image_id(u), u, p.shape[1], p.shape[0])
         for u, p in zip(loaded["uri"][:3], pixels, strict=True)
     ]
-    expected = instances_table(refs, segmenter(pixels), segmenter.categories)
+    expected = instances_rows(refs, segmenter(pixels), segmenter.categories)
     assert instances.equals(expected)
 
     # And the same rows come back from Parquet through SQL.
@@ -153,7 +157,7 @@ def test_encode_rows_on_slices_and_chunks() -> None:
         masks = rng.random((n, height, width)) < 0.3
         boxes = np.tile(np.array([0, 0, width, height], np.float32), (n, 1))
         scores = rng.random(n).astype(np.float32)
-        detections[i] = Detections.from_full_masks(boxes, np.ones(n, np.int64), scores, masks)
+        detections[i] = detections_from_full_masks(boxes, np.ones(n, np.int64), scores, masks)
     uris = [f"file:///i{i}.png" for i in range(len(sizes))]
     batch = {
         "uri": np.array(uris, dtype=object),
@@ -173,7 +177,7 @@ def test_encode_rows_on_slices_and_chunks() -> None:
     assert chunked.column("instances").num_chunks == 2
     assert encode_rows(chunked).equals(whole)
     _, instances = split_tables(rows.slice(3))  # image 3 has no detections, image 4 three
-    by_rank = detections[4].full_masks()[np.argsort(-detections[4].scores, kind="stable")]
+    by_rank = full_masks(detections[4])[np.argsort(-detections[4].scores, kind="stable")]
     assert instances.num_rows == 3
     for row in instances.to_pylist():
         mask = decode_mask(row["mask_rle"], *sizes[4]).astype(bool)
@@ -184,7 +188,8 @@ def test_cpu_tasks_never_import_torch() -> None:
     """What CPU tasks unpickle (the steps, the writer, the pipeline's sink) imports no torch:
     it would cost every CPU worker ~450 MB and seconds of start-up."""
     code = (
-        "import sys, segpipe.job.pipeline, segpipe.job.stages, segpipe.job.writer, segpipe.job.inputs; "
+        "import sys, segpipe.job.pipeline, segpipe.job.stages, segpipe.job.writer, "
+        "segpipe.job.inputs, segpipe.job.runs; "
         "sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

@@ -14,7 +14,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from segpipe.schema import IMAGES_DIR, IMAGES_SCHEMA, INSTANCES_DIR, INSTANCES_SCHEMA
+from segpipe import layout
+from segpipe.layout import IMAGES_DIR, INSTANCES_DIR, TABLES
+from segpipe.schema import IMAGES_SCHEMA, INSTANCES_SCHEMA
 
 ENGINES = ("athena", "trino", "bigquery", "spark")
 SCHEMAS = {IMAGES_DIR: IMAGES_SCHEMA, INSTANCES_DIR: INSTANCES_SCHEMA}
@@ -61,7 +63,7 @@ def ddl(
     schema = SCHEMAS[table]
     types = _TYPES[engine]
     name = name or table
-    folder = f"{location.rstrip('/')}/{table}"
+    folder = layout.table(location.rstrip("/"), table)
     parts = [c for c in partition_by if c in schema.names]
     columns = [(f.name, types[f.type]) for f in schema if f.name not in parts]
     if engine == "athena":
@@ -114,7 +116,7 @@ def spark_views(spark: Any, output: str) -> None:
     SparkSession. Partition columns stay strings when the session sets
     ``spark.sql.sources.partitionColumnTypeInference.enabled=false`` (recommended: a run id
     such as ``2024`` must not become a number)."""
-    for table in (IMAGES_DIR, INSTANCES_DIR):
-        path = f"{output.rstrip('/')}/{table}"
+    for table in TABLES:
+        path = layout.table(output.rstrip("/"), table)
         frame = spark.read.option("mergeSchema", "true").option("basePath", path).parquet(path)
         frame.createOrReplaceTempView(table)

@@ -26,7 +26,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from segpipe.analytics.query import iter_rows, pick_run
-from segpipe.core.encode import Detections, encode_detections
+from segpipe.core.detections import Detections
+from segpipe.core.encode import encode_detections
 
 # The 12 numbers COCOeval.summarize() prints, in its order.
 STAT_NAMES = (

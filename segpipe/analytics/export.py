@@ -44,8 +44,9 @@ def export_coco(
     dataset_uri: str | None = None,
     min_score: float = 0.0,
 ) -> ExportCounts:
-    """Write the COCO results (and dataset) of ``run_id`` from a :func:`segpipe.analytics.query.connect`
-    connection. ``min_score`` leaves out weaker detections."""
+    """Write the COCO results (and dataset) of ``run_id`` from a
+    :func:`segpipe.analytics.query.connect` connection. ``min_score`` leaves out weaker
+    detections."""
     sql = (
         f"WITH numbered AS ({_NUMBERED}) SELECT n.coco_id, i.label_id, i.score, i.box_x0, "
         "i.box_y0, i.box_x1, i.box_y1, i.mask_rle, i.image_height, i.image_width "

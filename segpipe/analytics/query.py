@@ -16,12 +16,13 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import duckdb
-import fsspec
 import numpy as np
 import pyarrow as pa
 
+from segpipe import layout
 from segpipe.core.encode import decode_mask
-from segpipe.schema import IMAGES_DIR, INSTANCES_DIR
+from segpipe.io import fs_root
+from segpipe.layout import TABLES
 
 MACROS = (
     "CREATE OR REPLACE MACRO box_area(x0, y0, x1, y1) AS (x1 - x0) * (y1 - y0)",
@@ -33,17 +34,17 @@ MACROS = (
 def connect(output: str) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with ``images`` and ``instances`` views over ``output``."""
     output = output.rstrip("/")
-    fs, root = fsspec.core.url_to_fs(output)
+    fs, root = fs_root(output)
     con = duckdb.connect()
     if "://" in output and not output.startswith("file://"):
         con.register_filesystem(fs)
         base = output
     else:
         base = root
-    for view in (IMAGES_DIR, INSTANCES_DIR):
-        if not fs.exists(f"{root}/{view}"):
+    for view in TABLES:
+        if not fs.exists(layout.table(root, view)):
             raise FileNotFoundError(f"no {view} table under {output}")
-        pattern = f"{base}/{view}/**/*.parquet".replace("'", "''")
+        pattern = f"{layout.table(base, view)}/**/*.parquet".replace("'", "''")
         # hive_types_autocast=false: partition values stay strings (a run id such as
         # "2024" must not turn into an integer column).
         con.sql(

@@ -12,8 +12,8 @@ Contract of :func:`decode_image`:
   lie in 0..1. Multi-frame files (GIF, TIFF, WebP) yield their first frame.
 - Images with more than ``max_pixels`` pixels are refused from their header, before their
   pixels are decoded (decompression bombs).
-- It never raises for bad input: every failure is a :class:`DecodeError` with a short code
-  and a message naming the cause.
+- It never raises for bad input: every failure is a :class:`segpipe.schema.Failure` with
+  an error code and a message naming the cause.
 """
 
 from __future__ import annotations
@@ -25,16 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# 50 megapixels: an 8660x5773 photo. Mask R-CNN rescales to a short side of 800 anyway; larger
-# inputs cost memory (3 bytes a pixel decoded, 12 as a float tensor) without adding detail.
-DEFAULT_MAX_PIXELS = 50_000_000
-
-# Error codes written to the images table's ``error_code`` column.
-EMPTY = "empty"
-NOT_AN_IMAGE = "not_an_image"
-TOO_LARGE = "too_large"
-TRUNCATED = "truncated"
-CORRUPT = "corrupt"
+from segpipe.config import DEFAULT_MAX_PIXELS
+from segpipe.schema import CORRUPT, EMPTY, NOT_AN_IMAGE, TOO_LARGE, TRUNCATED, Failure
 
 
 @dataclass(frozen=True)
@@ -52,38 +44,26 @@ class DecodedImage:
         return int(self.pixels.shape[1])
 
 
-@dataclass(frozen=True)
-class DecodeError:
-    """Why bytes could not become an image. ``code`` is one of the module's error codes."""
-
-    code: str
-    message: str
-    width: int | None = None
-    height: int | None = None
-
-
-def decode_image(
-    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> DecodedImage | DecodeError:
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage | Failure:
     """Decode encoded image bytes (JPEG, PNG, GIF, WebP, TIFF, BMP, ...) to upright RGB."""
     if len(data) == 0:
-        return DecodeError(EMPTY, "empty file (0 bytes)")
+        return Failure(EMPTY, "empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             # Our own max_pixels check below is the authority; silence Pillow's warning.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        return DecodeError(NOT_AN_IMAGE, f"not an image: {_describe_non_image(data)}")
+        return Failure(NOT_AN_IMAGE, f"not an image: {_describe_non_image(data)}")
     except Image.DecompressionBombError as exc:
         # Pillow's own guard fires at open() for images over twice its MAX_IMAGE_PIXELS.
-        return DecodeError(TOO_LARGE, f"image too large, refused before decoding: {exc}")
+        return Failure(TOO_LARGE, f"image too large, refused before decoding: {exc}")
     except Exception as exc:  # Pillow raises many types for malformed headers
-        return DecodeError(CORRUPT, f"unreadable image header: {_exc_text(exc)}")
+        return Failure(CORRUPT, f"unreadable image header: {_exc_text(exc)}")
 
     width, height = image.size
     if width * height > max_pixels:
-        return DecodeError(
+        return Failure(
             TOO_LARGE,
             f"image of {width}x{height} = {width * height} pixels exceeds the limit of "
             f"{max_pixels} pixels (max_pixels); refused before decoding",
@@ -91,7 +71,7 @@ def decode_image(
             height=height,
         )
     if width <= 0 or height <= 0:
-        return DecodeError(CORRUPT, f"image header declares an empty size {width}x{height}")
+        return Failure(CORRUPT, f"image header declares an empty size {width}x{height}")
 
     try:
         image.load()
@@ -100,7 +80,7 @@ def decode_image(
         text = _exc_text(exc)
         code = TRUNCATED if "truncat" in text.lower() else CORRUPT
         fmt = image.format or "image"
-        return DecodeError(code, f"{fmt} data is {code}: {text}", width=width, height=height)
+        return Failure(code, f"{fmt} data is {code}: {text}", width=width, height=height)
     return DecodedImage(np.ascontiguousarray(pixels))
 
 

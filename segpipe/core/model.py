@@ -46,7 +46,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from segpipe.config import FP16_ON_CPU, ModelConfig
 from segpipe.core import tiny
-from segpipe.core.encode import Detections
+from segpipe.core.detections import Detections
 from segpipe.io import read_bytes, redact, sha256_hex
 
 log = logging.getLogger(__name__)

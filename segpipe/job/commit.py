@@ -27,20 +27,16 @@ import contextlib
 import json
 import logging
 import posixpath
-import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, astuple, dataclass, field
 
 import fsspec
 
-from segpipe.io import is_local, redact, retrying
-from segpipe.schema import IMAGES_DIR, INSTANCES_DIR
+from segpipe import layout
+from segpipe.io import atomic_write, fs_root, is_local, redact, retrying
+from segpipe.layout import TABLES
 
 log = logging.getLogger(__name__)
-
-STAGING_DIR = "_staging"
-COMMITS_DIR = "_commits"
-TABLES = (IMAGES_DIR, INSTANCES_DIR)  # publish order: images first
 
 
 @dataclass
@@ -75,20 +71,6 @@ class Unit:
         return cls(data["run_id"], data["stem"], data["files"], WriteCounts(**data["counts"]))
 
 
-def fs_root(output: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem of ``output`` and the output's path on it, without a trailing slash."""
-    fs, root = fsspec.core.url_to_fs(output)
-    return fs, root.rstrip("/")
-
-
-def staging_root(root: str, run_id: str, stem: str) -> str:
-    return f"{root}/{STAGING_DIR}/{run_id}/{stem}"
-
-
-def marker_path(root: str, run_id: str, stem: str) -> str:
-    return f"{root}/{COMMITS_DIR}/{run_id}/{stem}.json"
-
-
 def commit_unit(output: str, unit: Unit) -> None:
     """Steps 2-4 for a unit whose files are staged under :func:`staging_root`."""
     fs, root = fs_root(output)
@@ -96,14 +78,14 @@ def commit_unit(output: str, unit: Unit) -> None:
     for rel in (r for table in TABLES for r in unit.files.get(table, [])):
         if rel not in present:  # a recovery discarded this staging
             raise RuntimeError(f"unit {unit.stem} of run {unit.run_id}: staged {rel} is gone")
-    atomic_write(fs, marker_path(root, unit.run_id, unit.stem), unit.to_json())
+    atomic_write(fs, layout.marker(root, unit.run_id, unit.stem), unit.to_json())
     publish(fs, root, unit, present)
 
 
 def committed_unit(output: str, run_id: str, stem: str) -> Unit | None:
     """The unit's marker, if it was committed already (by an earlier try of the same task)."""
     fs, root = fs_root(output)
-    path = marker_path(root, run_id, stem)
+    path = layout.marker(root, run_id, stem)
     try:
         return Unit.from_json(retrying(fs.cat_file, path).decode())
     except FileNotFoundError:
@@ -116,7 +98,7 @@ def publish_committed(output: str, unit: Unit) -> None:
 
 def _staged_files(fs: fsspec.AbstractFileSystem, root: str, unit: Unit) -> set[str]:
     """The unit's staged files still there, relative to its staging folder (one listing)."""
-    staged = staging_root(root, unit.run_id, unit.stem)
+    staged = layout.staged_unit(root, unit.run_id, unit.stem)
     return {path[len(staged) + 1 :] for path in retrying(fs.find, staged)}
 
 
@@ -125,7 +107,7 @@ def publish(
 ) -> None:
     """Move a committed unit's staged files into the tables (images first); idempotent.
     ``present``: the staged files, when the caller has just listed them."""
-    staged = staging_root(root, unit.run_id, unit.stem)
+    staged = layout.staged_unit(root, unit.run_id, unit.stem)
     if present is None:
         present = _staged_files(fs, root, unit)
     for table in TABLES:
@@ -154,24 +136,11 @@ def move(fs: fsspec.AbstractFileSystem, source: str, target: str) -> None:
         retrying(fs.rm, source)
 
 
-def atomic_write(fs: fsspec.AbstractFileSystem, path: str, text: str) -> None:
-    """Write ``text`` so that ``path`` holds either nothing or all of it. On an object store
-    one PUT already is (an object appears only when complete); on a local disk: a temporary
-    name in the same folder, then a rename."""
-    if not is_local(fs):
-        retrying(fs.pipe_file, path, text.encode())
-        return
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
-    fs.pipe_file(temporary, text.encode())
-    fs.mv(temporary, path)
-
-
 def units(output: str, run_id: str, chunk: int = 1000) -> Iterator[Unit]:
     """The committed units of a run, read from their markers (one small object each; read
     ``chunk`` at a time, concurrently where the filesystem can)."""
     fs, root = fs_root(output)
-    folder = f"{root}/{COMMITS_DIR}/{run_id}"
+    folder = layout.commits(root, run_id)
     fs.invalidate_cache()  # listings cached earlier in this process may be stale
     if not fs.exists(folder):
         return
@@ -186,14 +155,14 @@ def recover(output: str, run_id: str) -> tuple[int, int]:
     """Finish what a killed attempt left: publish committed units still staged, delete
     uncommitted ones. Returns (units finished, units discarded)."""
     fs, root = fs_root(output)
-    folder = f"{root}/{STAGING_DIR}/{run_id}"
+    folder = layout.staging(root, run_id)
     finished = discarded = 0
     fs.invalidate_cache()
     if not fs.exists(folder):
         return 0, 0
     for staged in sorted(fs.ls(folder, detail=False)):
         stem = posixpath.basename(staged.rstrip("/"))
-        marker = marker_path(root, run_id, stem)
+        marker = layout.marker(root, run_id, stem)
         if fs.exists(marker):
             publish(fs, root, Unit.from_json(fs.cat_file(marker).decode()))
             finished += 1
@@ -223,9 +192,9 @@ def delete_run(output: str, run_id: str, extra: list[str]) -> None:
             with contextlib.suppress(FileNotFoundError):
                 retrying(fs.rm, paths[start : start + 1000])
         # Files of a run partitioned by run_id that no marker names (older layouts).
-        folder = f"{root}/{table}/run_id={run_id}"
+        folder = f"{layout.table(root, table)}/run_id={run_id}"
         if fs.exists(folder):
             fs.rm(folder, recursive=True)
-    for rel in (f"{STAGING_DIR}/{run_id}", f"{COMMITS_DIR}/{run_id}", *extra):
+    for rel in (layout.staging("", run_id), layout.commits("", run_id), *extra):
         if fs.exists(f"{root}/{rel}"):
             fs.rm(f"{root}/{rel}", recursive=True)

@@ -21,12 +21,10 @@ import time
 import uuid
 from typing import Any
 
-import fsspec
 import psutil
 
-from segpipe.io import redact, retrying
-from segpipe.job.commit import atomic_write
-from segpipe.job.record import RUNS_DIR
+from segpipe import layout
+from segpipe.io import atomic_write, fs_root, redact, retrying
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +37,13 @@ class LeaseError(ValueError):
     """Another attempt holds the run."""
 
 
-def lease_path(root: str, run_id: str) -> str:
-    return f"{root}/{RUNS_DIR}/{run_id}.lease.json"
-
-
 class RunLease:
     """Hold the lease of ``run_id`` under ``output`` while inside ``with``."""
 
     def __init__(self, output: str, run_id: str) -> None:
-        self.fs, root = fsspec.core.url_to_fs(output)
+        self.fs, root = fs_root(output)
         self.output, self.run_id = output, run_id
-        self.path = lease_path(root.rstrip("/"), run_id)
+        self.path = layout.lease(root, run_id)
         self.me = {"attempt": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="segpipe-lease", daemon=True)

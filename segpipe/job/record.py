@@ -15,26 +15,11 @@ from typing import Any
 
 import fsspec
 
+from segpipe import layout
 from segpipe.config import RunConfig
-from segpipe.io import redact
-from segpipe.job.commit import atomic_write
+from segpipe.io import atomic_write, fs_root, redact
 
-RUNS_DIR = "_runs"
 _PACKAGES = ("segpipe", "torch", "torchvision", "ray", "pyarrow", "pycocotools", "pillow")
-
-
-def record_uri(output: str, run_id: str) -> str:
-    return f"{output.rstrip('/')}/{RUNS_DIR}/{run_id}.json"
-
-
-def metrics_rel(run_id: str) -> str:
-    """Where ``segpipe eval`` writes a run's COCO metrics, relative to the output: beside
-    its run record."""
-    return f"{RUNS_DIR}/{run_id}.metrics.json"
-
-
-def metrics_uri(output: str, run_id: str) -> str:
-    return f"{output.rstrip('/')}/{metrics_rel(run_id)}"
 
 
 def versions() -> dict[str, str]:
@@ -64,16 +49,16 @@ def now() -> str:
 
 
 def write_record(output: str, run_id: str, record: dict[str, Any]) -> None:
-    write_json(record_uri(output, run_id), record)
+    write_json(layout.record(output.rstrip("/"), run_id), record)
 
 
 def write_json(uri: str, data: dict[str, Any]) -> None:
     """Write ``data`` so that a reader sees the old file or the new one, never half of one."""
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = fs_root(uri)
     atomic_write(fs, path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_record(output: str, run_id: str) -> dict[str, Any]:
-    with fsspec.open(record_uri(output, run_id), "r") as f:
+    with fsspec.open(layout.record(output.rstrip("/"), run_id), "r") as f:
         data: dict[str, Any] = json.load(f)
     return data

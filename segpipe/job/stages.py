@@ -12,7 +12,7 @@ Columns between steps:
   empty (0, 0, 3) array for images that failed).
 - after :class:`Segment`: a ``pyarrow.Table`` with one row per image: the ``images`` columns,
   the extra columns, and ``instances``, a list of structs (:data:`WINDOWED_STRUCT`) holding
-  the image's detections, each mask as its packed window (``encode.MASK_WINDOW_FIELDS``).
+  the image's detections, each mask as its packed window (``core.encode.MASK_WINDOW_FIELDS``).
 - after :func:`encode_rows` (CPU tasks, so the model actors never wait for it): the same,
   with ``instances`` as :data:`INSTANCE_STRUCT`, masks as COCO RLE.
   :func:`split_tables` turns it into the two output tables.
@@ -29,29 +29,34 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from segpipe.config import DecodeConfig, ModelConfig
-from segpipe.core.decode import DecodedImage, DecodeError, decode_image
-from segpipe.core.encode import (
+from segpipe.core.decode import DecodedImage, decode_image
+from segpipe.core.detections import Detections
+from segpipe.core.encode import encode_windows
+from segpipe.core.rows import (
     WINDOWED_SCHEMA,
-    Detections,
     ImageRecord,
     ImageRef,
-    encode_windows,
     images_table,
     windowed_instances_table,
 )
 from segpipe.io import read_bytes, redact
 from segpipe.job.inputs import canonical_uri
-from segpipe.schema import INSTANCES_SCHEMA, STATUS_ERROR, STATUS_OK, image_id
+from segpipe.schema import (
+    BAD_URI,
+    INSTANCES_SCHEMA,
+    MODEL_ERROR,
+    NOT_FOUND,
+    PERMISSION_DENIED,
+    READ_ERROR,
+    STATUS_ERROR,
+    STATUS_OK,
+    Failure,
+    image_id,
+)
 
 log = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
-
-READ_ERROR = "read_error"
-BAD_URI = "bad_uri"
-NOT_FOUND = "not_found"
-PERMISSION_DENIED = "permission_denied"
-MODEL_ERROR = "model_error"
 
 # Columns an instance row takes from its image rather than from the detection.
 _IMAGE_LEVEL = {"run_id", "image_id", "uri", "image_width", "image_height"}
@@ -61,29 +66,29 @@ WINDOWED_STRUCT = pa.struct([f for f in WINDOWED_SCHEMA if f.name not in _IMAGE_
 _LOAD_COLUMNS = ("image_id", "width", "height", "status", "error_code", "error", "pixels")
 
 
-def fetch(uri: str) -> bytes | DecodeError:
+def fetch(uri: str) -> bytes | Failure:
     """The bytes at ``uri``, or a read error record (missing object, access denied, ...)."""
     try:
         return read_bytes(uri)
     except FileNotFoundError:
-        return DecodeError(NOT_FOUND, f"object not found: {redact(uri)}")
+        return Failure(NOT_FOUND, f"object not found: {redact(uri)}")
     except PermissionError as exc:
-        return DecodeError(PERMISSION_DENIED, f"access denied reading {redact(uri)}: {exc}")
+        return Failure(PERMISSION_DENIED, f"access denied reading {redact(uri)}: {exc}")
     except Exception as exc:
-        return DecodeError(READ_ERROR, f"could not read {redact(uri)}: {type(exc).__name__}: {exc}")
+        return Failure(READ_ERROR, f"could not read {redact(uri)}: {type(exc).__name__}: {exc}")
 
 
 def load_batch(batch: Batch, decode: DecodeConfig, io_threads: int = 16) -> Batch:
     """Read and decode every image of a batch; failures become error rows, never exceptions."""
     uris: list[str] = []
-    bad: dict[int, DecodeError] = {}
+    bad: dict[int, Failure] = {}
     for i, raw in enumerate(batch["uri"]):
         uri, problem = _canonical(raw)
         uris.append(uri)
         if problem is not None:
-            bad[i] = DecodeError(BAD_URI, problem)
+            bad[i] = Failure(BAD_URI, problem)
 
-    def get(i: int) -> bytes | DecodeError:
+    def get(i: int) -> bytes | Failure:
         return bad[i] if i in bad else fetch(uris[i])
 
     with ThreadPoolExecutor(max_workers=max(1, min(io_threads, len(uris)))) as pool:
@@ -97,13 +102,13 @@ def load_batch(batch: Batch, decode: DecodeConfig, io_threads: int = 16) -> Batc
     error = np.full(n, "", dtype=object)
     pixels = np.empty(n, dtype=object)
     for i, got in enumerate(fetched):
-        result = got if isinstance(got, DecodeError) else decode_image(got, **vars(decode))
+        result = got if isinstance(got, Failure) else decode_image(got, **vars(decode))
         if isinstance(result, DecodedImage):
             status[i] = STATUS_OK
             width[i], height[i] = result.width, result.height
             pixels[i] = result.pixels
         else:
-            status[i], error_code[i], error[i] = "error", result.code, result.message
+            status[i], error_code[i], error[i] = STATUS_ERROR, result.code, result.message
             width[i] = -1 if result.width is None else result.width
             height[i] = -1 if result.height is None else result.height
             pixels[i] = np.zeros((0, 0, 3), dtype=np.uint8)
@@ -195,7 +200,7 @@ def image_rows(
             records.append(ImageRecord.ok(refs[-1], int(counts[i])))
         else:
             size = (width, height) if width >= 0 else (None, None)
-            err = DecodeError(str(batch["error_code"][i]), str(batch["error"][i]), *size)
+            err = Failure(str(batch["error_code"][i]), str(batch["error"][i]), *size)
             records.append(ImageRecord.failed(run_id, str(iid), str(uri), err))
     flat = windowed_instances_table(refs, [detections[i] for i in sorted(detections)], categories)
     struct = pa.StructArray.from_arrays(

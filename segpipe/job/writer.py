@@ -16,29 +16,17 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
-import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pds
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-from segpipe.io import is_local, retrying
-from segpipe.job.commit import (
-    Unit,
-    WriteCounts,
-    commit_unit,
-    committed_unit,
-    publish_committed,
-    staging_root,
-)
+from segpipe import layout
+from segpipe.io import fs_root, is_local, retrying
+from segpipe.job.commit import Unit, WriteCounts, commit_unit, committed_unit, publish_committed
 from segpipe.job.stages import split_tables
-from segpipe.schema import IMAGES_DIR, INSTANCES_DIR, STATUS_OK
-
-
-def arrow_filesystem(output: str) -> tuple[PyFileSystem, str]:
-    """A pyarrow view of the fsspec filesystem of ``output``, and the path within it."""
-    fs, root = fsspec.core.url_to_fs(output)
-    return PyFileSystem(FSSpecHandler(fs)), root.rstrip("/")
+from segpipe.layout import IMAGES_DIR, INSTANCES_DIR
+from segpipe.schema import STATUS_OK
 
 
 def write_table(
@@ -50,13 +38,12 @@ def write_table(
     file_stem: str,
 ) -> list[str]:
     """Write ``table`` under ``<output>/<name>/``; returns the paths written."""
-    fs, root = fsspec.core.url_to_fs(output)
-    root = root.rstrip("/")
+    fs, root = fs_root(output)
     columns = [c for c in partition_by if c in table.column_names]
     written: list[str] = []
     pds.write_dataset(
         table,
-        base_dir=f"{root}/{name}",
+        base_dir=layout.table(root, name),
         format="parquet",
         filesystem=PyFileSystem(FSSpecHandler(fs)),
         partitioning=columns or None,
@@ -94,9 +81,9 @@ def write_rows(rows: pa.Table, output: str, *, partition_by: Sequence[str]) -> W
         # have decoded or detected differently, and its files could differ in name).
         publish_committed(output, done)
         return done.counts
-    staged = staging_root(output.rstrip("/"), run_id, stem)
+    staged = layout.staged_unit(output.rstrip("/"), run_id, stem)
     unit = Unit(run_id, stem)
-    _, staged_root = arrow_filesystem(staged)
+    _, staged_root = fs_root(staged)
     for name, table in ((IMAGES_DIR, images), (INSTANCES_DIR, instances)):
         paths = retrying(
             write_table, table, staged, name, partition_by=partition_by, file_stem=stem

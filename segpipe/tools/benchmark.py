@@ -42,7 +42,7 @@ import pyarrow as pa
 
 from segpipe.config import BenchConfig, ModelConfig
 from segpipe.core.decode import DecodedImage, decode_image
-from segpipe.core.encode import Detections
+from segpipe.core.detections import Detections
 from segpipe.schema import image_id
 from segpipe.tools.samples import sample_image
 

@@ -1,12 +1,9 @@
 """Generated sample images for the demo and the tests: filled shapes on noisy backgrounds.
 
-Deterministic from a seed, varied in size and aspect ratio, encoded as JPEG or PNG bytes.
+Deterministic from a seed, varied in size and aspect ratio.
 """
 
 from __future__ import annotations
-
-import io
-from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -34,13 +31,3 @@ def sample_image(seed: int, size: tuple[int, int] | None = None) -> Image.Image:
         else:
             draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
     return image
-
-
-def sample_files(count: int, seed: int = 0) -> Iterator[tuple[str, bytes]]:
-    """``count`` (file name, encoded bytes) pairs, alternating JPEG and PNG."""
-    for i in range(count):
-        image = sample_image(seed * 1_000_003 + i)
-        fmt, ext = ("JPEG", "jpg") if i % 2 == 0 else ("PNG", "png")
-        buf = io.BytesIO()
-        image.save(buf, format=fmt)
-        yield f"sample_{i:05d}.{ext}", buf.getvalue()
