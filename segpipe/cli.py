@@ -335,7 +335,7 @@ def eval_command(args: argparse.Namespace) -> int:
         print(f"left out, labels not in the annotations: {found.unknown_labels}")
     for iou_type, table in metrics.tables.items():
         print(f"\n{iou_type}:\n{table}")
-    target = layout.metrics(args.output.rstrip("/"), run_id)
+    target = layout.metrics(args.output, run_id)
     write_json(
         target,
         {

@@ -13,8 +13,8 @@
 
 Readers (SQL engines, :mod:`segpipe.analytics`) only read the two tables; the folders that
 start with ``_`` belong to the job (:mod:`segpipe.job`). Each function takes a ``base`` (an
-output URI, or its path on its filesystem, without a trailing slash; ``""`` for a path
-relative to the output) and returns the location under it.
+output URI, or its path on its filesystem; ``""`` for a path relative to the output) and
+returns the location under it.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ LISTING_DONE = "_COMPLETE.json"  # written once every listing shard is
 
 
 def _join(base: str, rel: str) -> str:
-    return f"{base}/{rel}" if base else rel
+    return f"{base.rstrip('/')}/{rel}" if base else rel
 
 
 def table(base: str, name: str) -> str:

@@ -16,16 +16,15 @@ from torchvision.transforms.functional import to_tensor
 
 from segpipe.config import ModelConfig
 from segpipe.core.encode import decode_mask
-from segpipe.core.model import (
+from segpipe.core.model import Segmenter, resolve_device
+from segpipe.core.rows import ImageRef
+from segpipe.core.weights import (
     COCO_CATEGORIES,
-    Segmenter,
     WeightsError,
     _torchvision_weights,
     build_model,
     load_checkpoint,
-    resolve_device,
 )
-from segpipe.core.rows import ImageRef
 from segpipe.io import sha256_hex
 from tests.masks import instances_rows
 

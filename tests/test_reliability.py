@@ -501,7 +501,7 @@ def test_commit_refuses_a_unit_whose_staging_was_discarded(tmp_path: Path) -> No
 
 
 def test_overwrite_and_resume_guard_the_old_run(tmp_path: Path, random_checkpoint: Path) -> None:
-    from segpipe.core.model import fingerprint_weights
+    from segpipe.core.weights import fingerprint_weights
     from segpipe.job.record import public_config, read_record, write_record
 
     inputs = tmp_path / "in"

@@ -23,8 +23,9 @@ from segpipe.analytics.query import connect
 from segpipe.cli import main
 from segpipe.config import ModelConfig, RunConfig
 from segpipe.core.encode import decode_mask
-from segpipe.core.model import Segmenter, WeightsError, build_model, fingerprint_weights
+from segpipe.core.model import Segmenter
 from segpipe.core.tiny import ARCH
+from segpipe.core.weights import WeightsError, build_model, fingerprint_weights
 from segpipe.job.record import read_record
 from segpipe.job.runs import resolved
 from segpipe.tools.shapes import CATEGORIES, generate_image, write_dataset

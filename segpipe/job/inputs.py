@@ -18,7 +18,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from segpipe.config import PARTITION_COLUMNS
-from segpipe.io import redact
+from segpipe.io import fs_root, redact
 from segpipe.schema import IMAGES_SCHEMA
 
 LISTING_SHARD_ROWS = 100_000
@@ -82,7 +82,7 @@ def _walk_files(
 def write_listing(uris: Iterable[str], folder: str, shard_rows: int = LISTING_SHARD_ROWS) -> int:
     """Write ``uris`` as Parquet shards ``folder/part-NNNNN.parquet`` (one ``uri`` column);
     returns how many. Raises InputError when there are none."""
-    fs, root = fsspec.core.url_to_fs(folder)
+    fs, root = fs_root(folder)
     if fs.exists(root):  # a listing left by an attempt that failed: start afresh
         fs.rm(root, recursive=True)
     fs.makedirs(root, exist_ok=True)

@@ -49,7 +49,7 @@ def now() -> str:
 
 
 def write_record(output: str, run_id: str, record: dict[str, Any]) -> None:
-    write_json(layout.record(output.rstrip("/"), run_id), record)
+    write_json(layout.record(output, run_id), record)
 
 
 def write_json(uri: str, data: dict[str, Any]) -> None:
@@ -59,6 +59,6 @@ def write_json(uri: str, data: dict[str, Any]) -> None:
 
 
 def read_record(output: str, run_id: str) -> dict[str, Any]:
-    with fsspec.open(layout.record(output.rstrip("/"), run_id), "r") as f:
+    with fsspec.open(layout.record(output, run_id), "r") as f:
         data: dict[str, Any] = json.load(f)
     return data

@@ -102,7 +102,7 @@ def prepare(cfg: RunConfig) -> Attempt:
     previous = check_output(cfg, named)
     # The model module (torch, torchvision: ~450 MB and seconds to import) is imported here,
     # on the driver only: CPU workers unpickle the job's steps and must not load torch.
-    from segpipe.core.model import fingerprint_weights
+    from segpipe.core.weights import fingerprint_weights
 
     weights = fingerprint_weights(cfg.model)
     extras = check_manifest(cfg.manifest, cfg.uri_column) if cfg.manifest else []
@@ -254,7 +254,7 @@ def _dig(data: dict[str, Any], path: tuple[str, ...]) -> Any:
 
 def resolved(cfg: RunConfig) -> RunConfig:
     """Fill in the run id and make local paths absolute (workers may run elsewhere)."""
-    from segpipe.core.model import SHIPPED_WEIGHTS
+    from segpipe.core.weights import SHIPPED_WEIGHTS
 
     model = cfg.model
     if model.weights not in SHIPPED_WEIGHTS and os.path.exists(model.weights):

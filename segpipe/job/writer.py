@@ -81,7 +81,7 @@ def write_rows(rows: pa.Table, output: str, *, partition_by: Sequence[str]) -> W
         # have decoded or detected differently, and its files could differ in name).
         publish_committed(output, done)
         return done.counts
-    staged = layout.staged_unit(output.rstrip("/"), run_id, stem)
+    staged = layout.staged_unit(output, run_id, stem)
     unit = Unit(run_id, stem)
     _, staged_root = fs_root(staged)
     for name, table in ((IMAGES_DIR, images), (INSTANCES_DIR, instances)):
@@ -97,5 +97,5 @@ def write_rows(rows: pa.Table, output: str, *, partition_by: Sequence[str]) -> W
         instances=instances.num_rows,
         files=sum(len(f) for f in unit.files.values()),
     )
-    commit_unit(output.rstrip("/"), unit)
+    commit_unit(output, unit)
     return unit.counts

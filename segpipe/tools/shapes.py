@@ -29,10 +29,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
+
+from segpipe.io import fs_root
 
 CATEGORIES = ("circle", "square", "triangle")
 MIN_SHORT_SIDE, MAX_SHORT_SIDE = 160, 320
@@ -154,7 +155,7 @@ def write_dataset(destination: str, seed: int, count: int, start: int = 0) -> di
     (a folder or any fsspec URI) plus ``annotations.json`` (COCO instances) beside them.
     Returns the annotations. Images are written one by one; only the annotations stay in
     memory."""
-    fs, root = fsspec.core.url_to_fs(destination)
+    fs, root = fs_root(destination)
     fs.makedirs(root, exist_ok=True)
     images: list[dict[str, object]] = []
     annotations: list[dict[str, object]] = []
