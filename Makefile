@@ -12,10 +12,12 @@ demo: .venv/.synced
 test: .venv/.synced
 	.venv/bin/pytest
 
+# lint-imports checks the layering contracts in pyproject.toml's [tool.importlinter].
 lint: .venv/.synced
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy segpipe
+	.venv/bin/lint-imports --no-cache --no-logo
 
 format: .venv/.synced
 	.venv/bin/ruff format .

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,3 +179,9 @@ def test_header_over_our_limit_but_under_pillows() -> None:
 def test_decompression_bomb_beyond_pillows_own_limit() -> None:
     err = failed(png_header_claiming(100_000, 100_000), schema.TOO_LARGE, max_pixels=10**12)
     assert "too large" in err.message
+
+
+def test_every_error_code_is_documented_in_the_readme() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    decoding = readme[readme.index("Failures become rows") :][:900]
+    assert [code for code in schema.ERROR_CODES if f"`{code}`" not in decoding] == []
