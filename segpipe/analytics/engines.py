@@ -9,7 +9,7 @@ from a manifest are not in the schema: add them to the DDL by hand.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -20,6 +20,7 @@ from segpipe.schema import IMAGES_SCHEMA, INSTANCES_SCHEMA
 
 ENGINES = ("athena", "trino", "bigquery", "spark")
 SCHEMAS = {IMAGES_DIR: IMAGES_SCHEMA, INSTANCES_DIR: INSTANCES_SCHEMA}
+_Columns = Sequence[tuple[str, str]]  # (name, engine type)
 
 _TYPES = {
     "athena": {
@@ -62,44 +63,61 @@ def ddl(
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     schema = SCHEMAS[table]
     types = _TYPES[engine]
-    name = name or table
-    folder = layout.table(location.rstrip("/"), table)
+    folder = layout.table(location, table)
     parts = [c for c in partition_by if c in schema.names]
     columns = [(f.name, types[f.type]) for f in schema if f.name not in parts]
-    if engine == "athena":
-        cols = ",\n".join(f"  `{c}` {t}" for c, t in columns)
-        part = ", ".join(f"`{c}` string" for c in parts)
-        return (
-            f"CREATE EXTERNAL TABLE `{name}` (\n{cols}\n)\n"
-            + (f"PARTITIONED BY ({part})\n" if parts else "")
-            + f"STORED AS PARQUET\nLOCATION '{folder}/';\n"
-            + (f"MSCK REPAIR TABLE `{name}`;  -- again after each run\n" if parts else "")
+    return _STATEMENTS[engine](name or table, folder, columns, parts)
+
+
+def _athena(name: str, folder: str, columns: _Columns, parts: Sequence[str]) -> str:
+    partitioned = _partitioned_by([f"`{p}` string" for p in parts])
+    clauses = [*partitioned, "STORED AS PARQUET", f"LOCATION '{folder}/';"]
+    return _hive_table("CREATE EXTERNAL TABLE", name, columns, clauses, repair=bool(parts))
+
+
+def _spark(name: str, folder: str, columns: _Columns, parts: Sequence[str]) -> str:
+    partitioned = _partitioned_by([f"`{p}`" for p in parts])
+    clauses = ["USING PARQUET", *partitioned, f"LOCATION '{folder}';"]
+    columns = [*columns, *((p, "STRING") for p in parts)]
+    return _hive_table("CREATE TABLE", name, columns, clauses, repair=bool(parts))
+
+
+def _partitioned_by(declared: Sequence[str]) -> list[str]:
+    return [f"PARTITIONED BY ({', '.join(declared)})"] if declared else []
+
+
+def _hive_table(
+    create: str, name: str, columns: _Columns, clauses: Sequence[str], repair: bool
+) -> str:
+    """Hive's dialect (Athena, Spark SQL): backquoted names, one clause a line, and, for a
+    partitioned table, ``MSCK REPAIR TABLE`` to find the partitions."""
+    cols = ",\n".join(f"  `{c}` {t}" for c, t in columns)
+    return (
+        f"{create} `{name}` (\n{cols}\n)\n"
+        + "".join(f"{clause}\n" for clause in clauses)
+        + (f"MSCK REPAIR TABLE `{name}`;  -- again after each run\n" if repair else "")
+    )
+
+
+def _trino(name: str, folder: str, columns: _Columns, parts: Sequence[str]) -> str:
+    cols = ",\n".join(f"  {c} {t}" for c, t in [*columns, *((p, "varchar") for p in parts)])
+    props = [f"external_location = '{folder}'", "format = 'PARQUET'"]
+    if parts:
+        props.append("partitioned_by = ARRAY[" + ", ".join(f"'{p}'" for p in parts) + "]")
+    return (
+        f"CREATE TABLE hive.segpipe.{name} (\n{cols}\n)\nWITH (\n  "
+        + ",\n  ".join(props)
+        + "\n);\n"
+        + (
+            f"CALL hive.system.sync_partition_metadata('segpipe', '{name}', 'ADD');"
+            "  -- again after each run\n"
+            if parts
+            else ""
         )
-    if engine == "spark":
-        cols = ",\n".join(f"  `{c}` {t}" for c, t in [*columns, *((p, "STRING") for p in parts)])
-        part = ", ".join(f"`{c}`" for c in parts)
-        return (
-            f"CREATE TABLE `{name}` (\n{cols}\n)\nUSING PARQUET\n"
-            + (f"PARTITIONED BY ({part})\n" if parts else "")
-            + f"LOCATION '{folder}';\n"
-            + (f"MSCK REPAIR TABLE `{name}`;  -- again after each run\n" if parts else "")
-        )
-    if engine == "trino":
-        cols = ",\n".join(f"  {c} {t}" for c, t in [*columns, *((p, "varchar") for p in parts)])
-        props = [f"external_location = '{folder}'", "format = 'PARQUET'"]
-        if parts:
-            props.append("partitioned_by = ARRAY[" + ", ".join(f"'{p}'" for p in parts) + "]")
-        return (
-            f"CREATE TABLE hive.segpipe.{name} (\n{cols}\n)\nWITH (\n  "
-            + ",\n  ".join(props)
-            + "\n);\n"
-            + (
-                f"CALL hive.system.sync_partition_metadata('segpipe', '{name}', 'ADD');"
-                "  -- again after each run\n"
-                if parts
-                else ""
-            )
-        )
+    )
+
+
+def _bigquery(name: str, folder: str, columns: _Columns, parts: Sequence[str]) -> str:
     cols = ",\n".join(f"  {c} {t}" for c, t in columns)
     part = ", ".join(f"{p} STRING" for p in parts)
     return (
@@ -111,12 +129,22 @@ def ddl(
     )
 
 
+# Each engine's statement, from the table's name, its folder, its file columns as
+# (name, engine type) and its partition columns (strings, found in the folder names).
+_STATEMENTS: dict[str, Callable[[str, str, _Columns, Sequence[str]], str]] = {
+    "athena": _athena,
+    "trino": _trino,
+    "bigquery": _bigquery,
+    "spark": _spark,
+}
+
+
 def spark_views(spark: Any, output: str) -> None:
     """Register the temporary views ``images`` and ``instances`` over ``output`` in a
     SparkSession. Partition columns stay strings when the session sets
     ``spark.sql.sources.partitionColumnTypeInference.enabled=false`` (recommended: a run id
     such as ``2024`` must not become a number)."""
     for table in TABLES:
-        path = layout.table(output.rstrip("/"), table)
+        path = layout.table(output, table)
         frame = spark.read.option("mergeSchema", "true").option("basePath", path).parquet(path)
         frame.createOrReplaceTempView(table)

@@ -25,6 +25,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from segpipe.analytics.coco import coco_result
 from segpipe.analytics.query import iter_rows, pick_run
 from segpipe.core.detections import Detections
 from segpipe.core.encode import encode_detections
@@ -84,23 +85,11 @@ def predictions(
     """
     run_id = pick_run(con, run_id)
     categories = {str(c["name"]): int(c["id"]) for c in gt["categories"]}
-    out = Predictions()
-    image_ids: dict[str, int | None] = {}
     if image_id_column is not None:
-        columns = [
-            c for (c,) in con.execute("SELECT column_name FROM (DESCRIBE images)").fetchall()
-        ]
-        if image_id_column not in columns:
-            raise EvaluationError(f"the images table has no column {image_id_column!r}")
-        known = {int(image["id"]) for image in gt["images"]}
-        sql = f'SELECT uri, "{image_id_column}" FROM images WHERE run_id = ?'
-        for uri, value in iter_rows(con, sql, [run_id]):
-            coco_id = int(value) if value is not None and str(value).strip() else None
-            image_ids[uri] = coco_id if coco_id in known else None
+        image_ids = _image_ids_by_column(con, gt, run_id, image_id_column)
     else:
-        by_name = _by_file_name(gt)
-        for (uri,) in iter_rows(con, "SELECT uri FROM images WHERE run_id = ?", [run_id]):
-            image_ids[uri] = _match_file_name(uri, by_name)
+        image_ids = _image_ids_by_file_name(con, gt, run_id)
+    out = Predictions()
     out.images_matched = sum(v is not None for v in image_ids.values())
     out.images_unmatched = len(image_ids) - out.images_matched
     if out.images_matched == 0:
@@ -123,15 +112,38 @@ def predictions(
             out.unknown_labels[label] = out.unknown_labels.get(label, 0) + 1
             continue
         out.results.append(
-            {
-                "image_id": image_id,
-                "category_id": category,
-                "score": float(score),
-                "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-                "segmentation": {"size": [int(height), int(width)], "counts": rle},
-            }
+            coco_result(image_id, category, (x0, y0, x1, y1), score, (height, width), rle)
         )
     return out
+
+
+def _image_ids_by_column(
+    con: duckdb.DuckDBPyConnection, gt: Mapping[str, Any], run_id: str, column: str
+) -> dict[str, int | None]:
+    """The ground-truth image id of each URI of the run, read from ``column`` of the
+    ``images`` table (None: empty, or not an image of ``gt``)."""
+    columns = [c for (c,) in con.execute("SELECT column_name FROM (DESCRIBE images)").fetchall()]
+    if column not in columns:
+        raise EvaluationError(f"the images table has no column {column!r}")
+    known = {int(image["id"]) for image in gt["images"]}
+    image_ids: dict[str, int | None] = {}
+    for uri, value in iter_rows(
+        con, f'SELECT uri, "{column}" FROM images WHERE run_id = ?', [run_id]
+    ):
+        coco_id = int(value) if value is not None and str(value).strip() else None
+        image_ids[uri] = coco_id if coco_id in known else None
+    return image_ids
+
+
+def _image_ids_by_file_name(
+    con: duckdb.DuckDBPyConnection, gt: Mapping[str, Any], run_id: str
+) -> dict[str, int | None]:
+    """The ground-truth image id of each URI of the run, by file name (None: no match)."""
+    by_name = _by_file_name(gt)
+    return {
+        uri: _match_file_name(uri, by_name)
+        for (uri,) in iter_rows(con, "SELECT uri FROM images WHERE run_id = ?", [run_id])
+    }
 
 
 def detection_results(
@@ -143,7 +155,6 @@ def detection_results(
     """One image's detections (straight from the model) as COCO results, encoded exactly as
     the pipeline encodes them."""
     counts, _ = encode_detections(detections)
-    height, width = detections.image_size
     results = []
     for box, label, score, rle in zip(
         detections.boxes, detections.labels, detections.scores, counts, strict=True
@@ -151,16 +162,7 @@ def detection_results(
         category = gt_categories.get(model_categories[int(label)])
         if category is None:
             continue
-        x0, y0, x1, y1 = (float(v) for v in box)
-        results.append(
-            {
-                "image_id": image_id,
-                "category_id": category,
-                "score": float(score),
-                "bbox": [x0, y0, x1 - x0, y1 - y0],
-                "segmentation": {"size": [int(height), int(width)], "counts": rle},
-            }
-        )
+        results.append(coco_result(image_id, category, box, score, detections.image_size, rle))
     return results
 
 

@@ -18,16 +18,16 @@ import html
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import duckdb
-import fsspec
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from segpipe.analytics.query import iter_rows
 from segpipe.core.decode import DecodedImage, decode_image
 from segpipe.core.encode import decode_mask
-from segpipe.io import read_bytes, redact
+from segpipe.io import fs_root, read_bytes, redact
 
 
 @dataclass(frozen=True)
@@ -89,53 +89,21 @@ def render(
     # The instances to draw (and to pick images by, with --where), and its parameters.
     condition = f"({where})" if where else "score >= ?"
     condition_params: list[object] = [] if where else [min_score]
-    try:
-        picked = con.execute(
-            "SELECT i.image_id, i.uri FROM images i WHERE i.run_id = ? AND i.status = 'ok' "
-            + (
-                "AND i.image_id IN (SELECT image_id FROM instances WHERE run_id = i.run_id "
-                f"AND {condition}) "
-                if where
-                else ""
-            )
-            + "ORDER BY i.image_id LIMIT ?",
-            [run_id, limit],
-        ).fetchall()
-    except duckdb.Error as exc:
-        raise ValueError(f"bad --where {where!r}: {exc}") from exc
-    fs, root = fsspec.core.url_to_fs(to)
+    picked = _pick_images(con, run_id, limit, where)
+    fs, root = fs_root(to)
     fs.makedirs(root, exist_ok=True)
     drawn: list[Rendered] = []
     for image_id, uri in picked:
-        rows = list(
-            iter_rows(
-                con,
-                "SELECT label, score, box_x0, box_y0, box_x1, box_y1, mask_rle, image_height, "
-                f"image_width FROM instances WHERE run_id = ? AND image_id = ? AND {condition} "
-                "ORDER BY score",
-                [run_id, image_id, *condition_params],
-            )
+        sql = (
+            "SELECT label, score, box_x0, box_y0, box_x1, box_y1, mask_rle, image_height, "
+            f"image_width FROM instances WHERE run_id = ? AND image_id = ? AND {condition} "
+            "ORDER BY score"
         )
-        try:
-            decoded = decode_image(read_bytes(uri))
-        except Exception as exc:
-            drawn.append(Rendered(image_id, uri, None, len(rows), f"{type(exc).__name__}: {exc}"))
-            continue
-        if not isinstance(decoded, DecodedImage):
-            drawn.append(Rendered(image_id, uri, None, len(rows), decoded.message))
-            continue
-        instances = [
-            (label, float(score), x0, y0, x1, y1, decode_mask(rle, h, w) > 0)
-            for label, score, x0, y0, x1, y1, rle, h, w in rows
-        ]
-        if instances and instances[0][-1].shape != decoded.pixels.shape[:2]:
-            problem = "the image changed since the run: its size differs from the stored one"
-            drawn.append(Rendered(image_id, uri, None, len(rows), problem))
-            continue
-        buf = io.BytesIO()
-        overlay(decoded.pixels, instances).save(buf, format="PNG")
-        fs.pipe_file(f"{root}/{image_id}.png", buf.getvalue())
-        drawn.append(Rendered(image_id, uri, f"{image_id}.png", len(rows)))
+        rows = list(iter_rows(con, sql, [run_id, image_id, *condition_params]))
+        item, png = _draw(image_id, uri, rows)
+        if png is not None:
+            fs.pipe_file(f"{root}/{image_id}.png", png)
+        drawn.append(item)
     counts = con.execute(
         "SELECT label, count(*) AS objects, round(avg(score), 3) FROM instances "
         f"WHERE run_id = ? AND {condition} GROUP BY label ORDER BY objects DESC, label",
@@ -144,6 +112,51 @@ def render(
     page = gallery_html(run_id, drawn, counts, where or f"score >= {min_score}")
     fs.pipe_file(f"{root}/index.html", page.encode("utf-8"))
     return drawn
+
+
+def _pick_images(
+    con: duckdb.DuckDBPyConnection, run_id: str, limit: int, where: str | None
+) -> list[tuple[str, str]]:
+    """``(image_id, uri)`` of the first ``limit`` decoded images of the run by image id; with
+    ``where``, of those with an instance matching it."""
+    with_match = (
+        f"AND i.image_id IN (SELECT image_id FROM instances WHERE run_id = i.run_id AND ({where})) "
+        if where
+        else ""
+    )
+    try:
+        return con.execute(
+            "SELECT i.image_id, i.uri FROM images i WHERE i.run_id = ? AND i.status = 'ok' "
+            + with_match
+            + "ORDER BY i.image_id LIMIT ?",
+            [run_id, limit],
+        ).fetchall()
+    except duckdb.Error as exc:
+        raise ValueError(f"bad --where {where!r}: {exc}") from exc
+
+
+def _draw(
+    image_id: str, uri: str, rows: Sequence[tuple[Any, ...]]
+) -> tuple[Rendered, bytes | None]:
+    """The overlay of the image at ``uri`` as PNG bytes, read again and drawn with ``rows``
+    (``label, score, box_x0, box_y0, box_x1, box_y1, mask_rle, image_height, image_width``);
+    None, and the problem in the :class:`Rendered`, where it cannot be drawn."""
+    try:
+        decoded = decode_image(read_bytes(uri))
+    except Exception as exc:
+        return Rendered(image_id, uri, None, len(rows), f"{type(exc).__name__}: {exc}"), None
+    if not isinstance(decoded, DecodedImage):
+        return Rendered(image_id, uri, None, len(rows), decoded.message), None
+    instances = [
+        (label, float(score), x0, y0, x1, y1, decode_mask(rle, h, w) > 0)
+        for label, score, x0, y0, x1, y1, rle, h, w in rows
+    ]
+    if instances and instances[0][-1].shape != decoded.pixels.shape[:2]:
+        problem = "the image changed since the run: its size differs from the stored one"
+        return Rendered(image_id, uri, None, len(rows), problem), None
+    buf = io.BytesIO()
+    overlay(decoded.pixels, instances).save(buf, format="PNG")
+    return Rendered(image_id, uri, f"{image_id}.png", len(rows)), buf.getvalue()
 
 
 def gallery_html(
@@ -156,37 +169,12 @@ def gallery_html(
     ``<body data-images-loaded data-images-total>`` say how many overlays the browser
     decoded (a check for tests and for people opening a copied folder)."""
     e = html.escape
-    rows = "\n".join(
-        f'<tr><td><span class="swatch" style="background: rgb{class_colour(label)}"></span>'
-        f"{e(label)}</td><td>{n}</td><td>{mean}</td></tr>"
-        for label, n, mean in counts
-    )
-    figures = []
-    for item in drawn:
-        caption = f"{e(redact(item.uri))}<br>{item.instances} instances"
-        if item.file_name is None:
-            figures.append(f'<figure class="missing"><figcaption>{caption}<br>not drawn: '
-                           f"{e(item.problem or '')}</figcaption></figure>")  # fmt: skip
-        else:
-            figures.append(
-                f'<figure><a href="{e(item.file_name)}"><img src="{e(item.file_name)}" '
-                f'alt="{e(item.uri)}" loading="eager"></a><figcaption>{caption}</figcaption>'
-                "</figure>"
-            )
+    rows = "\n".join(_class_row(label, n, mean) for label, n, mean in counts)
+    figures = "\n".join(_figure(item) for item in drawn)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>segpipe run {e(run_id)}</title>
-<style>
-body {{ font-family: sans-serif; margin: 1.5em; }}
-table {{ border-collapse: collapse; margin-bottom: 1.5em; }}
-td, th {{ border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }}
-.swatch {{ display: inline-block; width: 0.9em; height: 0.9em; margin-right: 0.4em; }}
-.grid {{ display: flex; flex-wrap: wrap; gap: 1em; }}
-figure {{ margin: 0; max-width: 420px; }}
-figure img {{ max-width: 420px; height: auto; display: block; }}
-figcaption {{ font-size: 0.8em; word-break: break-all; }}
-.missing {{ color: #a00; }}
-</style></head>
+{_STYLE}</head>
 <body data-images-total="{sum(d.file_name is not None for d in drawn)}">
 <h1>segpipe run {e(run_id)}</h1>
 <p>{len(drawn)} images; instances where <code>{e(selection)}</code>.</p>
@@ -194,16 +182,57 @@ figcaption {{ font-size: 0.8em; word-break: break-all; }}
 {rows}
 </table>
 <div class="grid">
-{chr(10).join(figures)}
+{figures}
 </div>
-<script>
-window.addEventListener("load", () => {{
-  const loaded = [...document.images].filter((i) => i.complete && i.naturalWidth > 0);
-  document.body.dataset.imagesLoaded = String(loaded.length);
-}});
-</script>
+{_SCRIPT}
 </body></html>
 """
+
+
+_STYLE = """<style>
+body { font-family: sans-serif; margin: 1.5em; }
+table { border-collapse: collapse; margin-bottom: 1.5em; }
+td, th { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }
+.swatch { display: inline-block; width: 0.9em; height: 0.9em; margin-right: 0.4em; }
+.grid { display: flex; flex-wrap: wrap; gap: 1em; }
+figure { margin: 0; max-width: 420px; }
+figure img { max-width: 420px; height: auto; display: block; }
+figcaption { font-size: 0.8em; word-break: break-all; }
+.missing { color: #a00; }
+</style>"""
+
+# Sets <body data-images-loaded> to the number of overlays the browser decoded.
+_SCRIPT = """<script>
+window.addEventListener("load", () => {
+  const loaded = [...document.images].filter((i) => i.complete && i.naturalWidth > 0);
+  document.body.dataset.imagesLoaded = String(loaded.length);
+});
+</script>"""
+
+
+def _class_row(label: str, objects: int, mean_score: float) -> str:
+    """A row of the per-class table: the class's colour and name, its count, its mean score."""
+    return (
+        f'<tr><td><span class="swatch" style="background: rgb{class_colour(label)}"></span>'
+        f"{html.escape(label)}</td><td>{objects}</td><td>{mean_score}</td></tr>"
+    )
+
+
+def _figure(item: Rendered) -> str:
+    """One image's figure: its overlay, linked, or why it was not drawn; its URI (redacted)
+    and its instance count."""
+    e = html.escape
+    caption = f"{e(redact(item.uri))}<br>{item.instances} instances"
+    if item.file_name is None:
+        return (
+            f'<figure class="missing"><figcaption>{caption}<br>not drawn: '
+            f"{e(item.problem or '')}</figcaption></figure>"
+        )
+    return (
+        f'<figure><a href="{e(item.file_name)}"><img src="{e(item.file_name)}" '
+        f'alt="{e(item.uri)}" loading="eager"></a><figcaption>{caption}</figcaption>'
+        "</figure>"
+    )
 
 
 def _eroded(mask: np.ndarray) -> np.ndarray:

@@ -191,14 +191,14 @@ def _listing(cfg: RunConfig, previous: dict[str, Any] | None) -> int | None:
     that files added or removed since do not change what the run covers)."""
     if not cfg.inputs:
         return None
-    folder = listing_folder(cfg)
-    fs, path = fs_root(folder)
-    done = f"{path}/{layout.LISTING_DONE}"
+    assert cfg.run_id is not None
+    fs, root = fs_root(cfg.output)
+    done = layout.listing_done(root, cfg.run_id)
     if previous is not None and fs.exists(done):
         listed = int(json.loads(fs.cat_file(done))["images"])
         log.info("resuming with the listing of the first attempt: %d images", listed)
         return listed
-    listed = write_listing(list_images(cfg.inputs, cfg.extensions), folder)
+    listed = write_listing(list_images(cfg.inputs, cfg.extensions), listing_folder(cfg))
     atomic_write(fs, done, json.dumps({"images": listed}))
     log.info("listed %d images from %d inputs", listed, len(cfg.inputs))
     return listed
