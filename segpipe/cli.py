@@ -4,68 +4,44 @@ segpipe run --input s3://bucket/images/ --output s3://bucket/segments [options]
 segpipe run --manifest s3://bucket/manifest.parquet --output s3://bucket/segments
 segpipe query --output s3://bucket/segments "SELECT label, count(*) FROM instances GROUP BY 1"
 segpipe demo
+
+The flags of ``run`` and ``bench`` are generated from the fields of the config dataclasses
+(their types, defaults and :func:`segpipe.config.flag` metadata); the other commands' flags
+are written out below.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 import tomllib
-from collections.abc import Sequence
-from dataclasses import asdict
+import types
+import typing
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import fsspec
 
 from segpipe.config import (
-    ARCH_CHOICES,
-    DEVICES,
-    PRECISIONS,
+    INPUT_GROUP,
+    MODEL_GROUP,
+    SCALE_GROUP,
     BenchConfig,
-    DecodeConfig,
-    ModelConfig,
+    Flag,
     RunConfig,
+    comma_separated,
 )
 
 log = logging.getLogger("segpipe")
 
-# Flags (argparse dest names) that belong to each config dataclass.
-_MODEL_KEYS = (
-    "arch",
-    "weights",
-    "weights_sha256",
-    "categories",
-    "device",
-    "min_size",
-    "max_size",
-    "score_threshold",
-    "mask_threshold",
-    "max_detections",
-    "precision",
-    "channels_last",
-    "cudnn_benchmark",
-)
-_DECODE_KEYS = ("max_pixels",)
-_RUN_KEYS = (
-    "output",
-    "inputs",
-    "manifest",
-    "uri_column",
-    "extensions",
-    "run_id",
-    "batch_size",
-    "load_batch_size",
-    "gpus_per_actor",
-    "cpus_per_actor",
-    "torch_threads",
-    "partition_by",
-    "images_per_file",
-    "resume",
-    "overwrite",
-)
+# The order of `segpipe run`'s flags: by group (None: the ungrouped ones), then by field.
+_RUN_GROUPS = (INPUT_GROUP, None, MODEL_GROUP, SCALE_GROUP)
+# Names in a run's namespace (and tolerated in its config file) that are no setting.
+_NOT_SETTINGS = {"command", "verbose", "config"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,85 +50,46 @@ def build_parser() -> argparse.ArgumentParser:
         description="Mask R-CNN instance segmentation over object storage, to Parquet.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    run = sub.add_parser("run", help="segment images into Parquet tables (Ray Data job)")
-    src = run.add_argument_group("input (one of)")
-    src.add_argument(
-        "--input",
-        dest="inputs",
-        nargs="+",
-        action="extend",
-        metavar="URI",
-        help="folders, prefixes or globs on any fsspec filesystem",
+    sub = parser.add_subparsers(dest="command", required=True, help="what to do")
+    _run_flags(sub.add_parser("run", help="segment images into Parquet tables (Ray Data job)"))
+    _query_flags(sub.add_parser("query", help="run SQL over an output with DuckDB"))
+    _eval_flags(sub.add_parser("eval", help="COCO box and mask AP of a run against annotations"))
+    _export_flags(sub.add_parser("export", help="a run as COCO results (and dataset) JSON"))
+    _ddl_flags(sub.add_parser("ddl", help="CREATE TABLE for an output in another SQL engine"))
+    _render_flags(sub.add_parser("render", help="PNG overlays of a sample of images + index.html"))
+    _bench_flags(sub.add_parser("bench", help="bare model vs whole pipeline vs non-model stages"))
+    demo = sub.add_parser("demo", help="the whole job on generated images in a local S3")
+    demo.add_argument(
+        "--images", type=int, default=24, help="how many images to generate (default: %(default)s)"
     )
-    src.add_argument("--manifest", metavar="URI", help="Parquet, CSV or text file of image URIs")
-    src.add_argument("--uri-column", help="manifest column holding the URIs (default: uri)")
-    src.add_argument("--extensions", type=_csv, help="image file extensions to list")
-    run.add_argument("--output", metavar="URI", help="where the tables go (required)")
+    return parser
+
+
+def _run_flags(run: argparse.ArgumentParser) -> None:
+    # No argparse defaults: run_config tells a flag given from one not (a config file's
+    # settings win over the dataclass defaults, flags over both).
+    _add_flags(run, RunConfig, defaults=False, groups=_RUN_GROUPS)
     run.add_argument("--config", metavar="FILE", help="TOML or YAML file setting these flags")
-    run.add_argument("--run-id", help="name of this run (default: run-<UTC timestamp>)")
-    again = run.add_mutually_exclusive_group()
-    again.add_argument(
-        "--resume",
-        action="store_true",
-        default=None,
-        help="finish an interrupted run of this --run-id: skip the images it committed",
-    )
-    again.add_argument(
-        "--overwrite",
-        action="store_true",
-        default=None,
-        help="replace the run of this --run-id (its rows, record and listing) with a new one",
-    )
-    model = run.add_argument_group("model")
-    model.add_argument(
-        "--arch", choices=ARCH_CHOICES, help="default auto: the checkpoint's, else R50-FPN"
-    )
-    model.add_argument(
-        "--weights", help="DEFAULT | <torchvision name> | <checkpoint URI> | shapes | none"
-    )
-    model.add_argument("--weights-sha256", help="required SHA-256 of the checkpoint file")
-    model.add_argument("--categories", metavar="URI", help="category names for the checkpoint")
-    model.add_argument("--device", choices=DEVICES)
-    model.add_argument(
-        "--min-size", type=int, help="short side to rescale to (default: checkpoint's, else 800)"
-    )
-    model.add_argument(
-        "--max-size", type=int, help="long side cap (default: checkpoint's, else 1333)"
-    )
-    model.add_argument("--score-threshold", type=float, help="default 0.05")
-    model.add_argument("--mask-threshold", type=float, help="default 0.5")
-    model.add_argument("--max-detections", type=int, help="per image (default 100)")
-    model.add_argument("--max-pixels", type=int, help="refuse larger images (default 50e6)")
-    model.add_argument("--precision", choices=PRECISIONS, help="autocast (default fp32)")
-    model.add_argument(
-        "--channels-last", action="store_true", default=None, help="channels-last convolutions"
-    )
-    model.add_argument(
-        "--cudnn-benchmark", action="store_true", default=None, help="cuDNN autotuning (CUDA)"
-    )
-    scale = run.add_argument_group("scale")
-    scale.add_argument("--batch-size", type=int, help="images per model call (default 4)")
-    scale.add_argument("--load-batch-size", type=int, help="images per decode task (default 16)")
-    scale.add_argument("--actors", help="model actors: N or MIN:MAX (default: one per GPU)")
-    scale.add_argument("--gpus-per-actor", type=float, help="default: 1 if the cluster has GPUs")
-    scale.add_argument("--cpus-per-actor", type=float, help="default 1")
-    scale.add_argument(
-        "--torch-threads", type=int, help="torch threads per actor on CPU (default: cpus)"
-    )
-    scale.add_argument(
-        "--partition-by", type=_csv, help="partition columns, comma-separated, or 'none'"
-    )
-    scale.add_argument("--images-per-file", type=int, help="images per output file (default 5000)")
 
-    query = sub.add_parser("query", help="run SQL over an output with DuckDB")
-    query.add_argument("--output", required=True, metavar="URI")
+
+def _bench_flags(bench: argparse.ArgumentParser) -> None:
+    _add_flags(bench, BenchConfig, defaults=True, groups=(None,))
+    bench.add_argument("--json", metavar="PATH", help="also write the figures as JSON here")
+
+
+def _query_flags(query: argparse.ArgumentParser) -> None:
+    query.add_argument("--output", required=True, metavar="URI", help="the output to query")
     query.add_argument("sql", help="SQL over the views `images` and `instances`")
-    query.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    query.add_argument(
+        "--format",
+        choices=("table", "csv", "json"),
+        default="table",
+        help="how to print the rows (default: %(default)s)",
+    )
 
-    ev = sub.add_parser("eval", help="COCO box and mask AP of a run against annotations")
-    ev.add_argument("--output", required=True, metavar="URI")
+
+def _eval_flags(ev: argparse.ArgumentParser) -> None:
+    ev.add_argument("--output", required=True, metavar="URI", help="the output holding the run")
     ev.add_argument("--annotations", required=True, metavar="URI", help="COCO instances JSON")
     ev.add_argument("--run-id", help="the run to evaluate (default: the output's only run)")
     ev.add_argument(
@@ -161,22 +98,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="images column holding the COCO image id (default: match by file name)",
     )
 
-    export = sub.add_parser("export", help="a run as COCO results (and dataset) JSON")
-    export.add_argument("--output", required=True, metavar="URI")
-    export.add_argument("--format", choices=("coco",), default="coco")
+
+def _export_flags(export: argparse.ArgumentParser) -> None:
+    export.add_argument("--output", required=True, metavar="URI", help="the output holding the run")
+    export.add_argument(
+        "--format", choices=("coco",), default="coco", help="the format (default: %(default)s)"
+    )
     export.add_argument("--to", required=True, metavar="URI", help="COCO results JSON to write")
     export.add_argument("--dataset", metavar="URI", help="also write a COCO dataset JSON here")
     export.add_argument("--run-id", help="the run to export (default: the output's only run)")
     export.add_argument("--min-score", type=float, default=0.0, help="leave out weaker ones")
 
-    ddl = sub.add_parser("ddl", help="CREATE TABLE for an output in another SQL engine")
-    ddl.add_argument("--engine", required=True, choices=("athena", "trino", "bigquery", "spark"))
+
+def _ddl_flags(ddl: argparse.ArgumentParser) -> None:
+    ddl.add_argument(
+        "--engine",
+        required=True,
+        choices=("athena", "trino", "bigquery", "spark"),
+        help="the SQL engine to write for",
+    )
     ddl.add_argument("--location", required=True, metavar="URI", help="the output's URI")
     ddl.add_argument("--table", choices=("images", "instances"), help="default: both")
-    ddl.add_argument("--partition-by", type=_csv, default=("run_id",), help="as in the run")
+    ddl.add_argument(
+        "--partition-by", type=comma_separated, default=("run_id",), help="as in the run"
+    )
 
-    render = sub.add_parser("render", help="PNG overlays of a sample of images + index.html")
-    render.add_argument("--output", required=True, metavar="URI")
+
+def _render_flags(render: argparse.ArgumentParser) -> None:
+    render.add_argument("--output", required=True, metavar="URI", help="the output holding the run")
     render.add_argument("--to", required=True, metavar="DIR", help="folder (or URI) to write")
     render.add_argument("--run-id", help="the run to draw (default: the output's only run)")
     render.add_argument(
@@ -187,18 +136,74 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-score", type=float, default=0.5, help="without --where: draw these (default 0.5)"
     )
 
-    bench = sub.add_parser("bench", help="bare model vs whole pipeline vs non-model stages")
-    for name, value in asdict(BenchConfig()).items():
-        flag = f"--{name.replace('_', '-')}"
-        if isinstance(value, bool):
-            bench.add_argument(flag, action="store_true", default=value)
-        else:
-            bench.add_argument(flag, type=type(value), default=value)
-    bench.add_argument("--json", metavar="PATH", help="also write the figures as JSON here")
 
-    demo = sub.add_parser("demo", help="the whole job on generated images in a local S3")
-    demo.add_argument("--images", type=int, default=24, help="how many images to generate")
-    return parser
+def _settings(cls: Any) -> Iterator[tuple[dataclasses.Field[Any], Flag, Any]]:
+    """(field, flag, type) of each setting of a config dataclass with a flag of its own,
+    those of the configs nested in it included, in field order. ``type`` is the field's
+    type less ``None``: ``int`` for ``int | None``."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            yield from _settings(kind)
+        elif "flag" in f.metadata:
+            if typing.get_origin(kind) in (types.UnionType, typing.Union):
+                kind = next(a for a in typing.get_args(kind) if a is not type(None))
+            yield f, f.metadata["flag"], kind
+        elif "set_by" not in f.metadata:
+            raise TypeError(f"{cls.__name__}.{f.name} has neither flag() nor set_by() metadata")
+
+
+def _dest(f: dataclasses.Field[Any], spec: Flag) -> str:
+    return spec.dest or f.name
+
+
+def _add_flags(
+    parser: argparse.ArgumentParser, cls: Any, *, defaults: bool, groups: tuple[str | None, ...]
+) -> None:
+    """A flag for each setting of ``cls``, in ``groups`` (argument groups, in this order;
+    None: the parser's own). ``defaults``: the fields' defaults are the flags' defaults;
+    else every flag defaults to None (store_true flags too)."""
+    targets: dict[str | None, Any] = {
+        title: parser.add_argument_group(title) if title else parser for title in groups
+    }
+    exclusive: dict[str, Any] = {}
+    for f, spec, kind in sorted(_settings(cls), key=lambda s: groups.index(s[1].group)):
+        target = targets[spec.group]
+        if spec.exclusive:
+            if spec.exclusive not in exclusive:
+                exclusive[spec.exclusive] = target.add_mutually_exclusive_group()
+            target = exclusive[spec.exclusive]
+        kwargs: dict[str, Any] = {
+            "dest": _dest(f, spec),
+            "default": f.default if defaults else None,
+            "help": _help(spec.help, f.default),
+        }
+        if kind is bool:
+            kwargs["action"] = "store_true"
+        else:
+            # many: one value a word, each of the tuple's item type.
+            parse = spec.parse or (typing.get_args(kind)[0] if spec.many else kind)
+            if typing.get_origin(parse) is not None:
+                raise TypeError(f"{cls.__name__}.{f.name}: flag() needs parse= for {parse}")
+            if parse is not str:
+                kwargs["type"] = parse
+            if spec.many:
+                kwargs.update(nargs="+", action="extend")
+            if spec.choices is not None:
+                kwargs["choices"] = spec.choices
+            if spec.metavar is not None:
+                kwargs["metavar"] = spec.metavar
+        target.add_argument(spec.name or f"--{f.name.replace('_', '-')}", **kwargs)
+
+
+def _help(text: str, default: Any) -> str:
+    """``text`` and "(default: X)", unless it has a "(default..." or X is nothing."""
+    nothing = default is None or default is False or default is dataclasses.MISSING
+    if not ("(default" in text or nothing or default == ()):
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        text = f"{text} (default: {shown})"
+    return text.replace("%", "%%")  # argparse formats help with %
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -250,25 +255,37 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     values: dict[str, Any] = load_config_file(args.config) if args.config else {}
     values.update({k: v for k, v in vars(args).items() if v is not None})
     actors = values.pop("actors", None)
-    known = set(_MODEL_KEYS) | set(_DECODE_KEYS) | set(_RUN_KEYS)
-    unknown = sorted(set(values) - known - {"command", "verbose", "config"})
+    settings = list(_settings(RunConfig))
+    unknown = sorted(set(values) - {_dest(f, spec) for f, spec, _ in settings} - _NOT_SETTINGS)
     if unknown:
         raise ValueError(f"unknown settings in config file: {', '.join(unknown)}")
     if values.get("output") is None:
         raise ValueError("--output is required")
-    run_values = {k: values[k] for k in _RUN_KEYS if k in values}
-    for key in ("inputs", "extensions", "partition_by"):
-        if key in run_values:
-            run_values[key] = _as_tuple(run_values[key])
-    if run_values.get("partition_by") in (("none",), ("",)):
-        run_values["partition_by"] = ()
-    if actors is not None:
-        run_values["min_actors"], run_values["max_actors"] = _actors(str(actors))
-    return RunConfig(
-        model=ModelConfig(**{k: values[k] for k in _MODEL_KEYS if k in values}),
-        decode=DecodeConfig(**{k: values[k] for k in _DECODE_KEYS if k in values}),
-        **run_values,
-    )
+    for f, spec, kind in settings:
+        if _dest(f, spec) in values and typing.get_origin(kind) is tuple:
+            values[_dest(f, spec)] = _as_tuple(values[_dest(f, spec)])
+    if values.get("partition_by") in (("none",), ("",)):
+        values["partition_by"] = ()
+    # `--actors N|MIN:MAX` (a config file's `actors`) sets min_actors and max_actors.
+    span = _actors(str(actors)) if actors is not None else None
+    kwargs = _config_kwargs(RunConfig, values)
+    if span is not None:
+        kwargs["min_actors"], kwargs["max_actors"] = span
+    return RunConfig(**kwargs)
+
+
+def _config_kwargs(cls: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of ``cls`` from ``values`` (by flag dest): the settings present in
+    it, and the configs nested in ``cls`` built from it the same way."""
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            kwargs[f.name] = kind(**_config_kwargs(kind, values))  # type: ignore[operator]
+        elif "flag" in f.metadata and _dest(f, f.metadata["flag"]) in values:
+            kwargs[f.name] = values[_dest(f, f.metadata["flag"])]
+    return kwargs
 
 
 def load_config_file(uri: str) -> dict[str, Any]:
@@ -397,7 +414,7 @@ def render_command(args: argparse.Namespace) -> int:
 def bench_command(args: argparse.Namespace) -> int:
     from segpipe.tools.benchmark import run_benchmark
 
-    cfg = BenchConfig(**{k: getattr(args, k) for k in asdict(BenchConfig())})
+    cfg = BenchConfig(**_config_kwargs(BenchConfig, vars(args)))
     result = run_benchmark(cfg)
     print(result.describe())
     if args.json:
@@ -407,13 +424,9 @@ def bench_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _csv(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
 def _as_tuple(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
-        return _csv(value)
+        return comma_separated(value)
     return tuple(str(v) for v in value)
 
 

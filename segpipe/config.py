@@ -1,9 +1,16 @@
-"""Typed settings. Each dataclass is built by the CLI (or a test) and passed down explicitly."""
+"""Typed settings. Each dataclass is built by the CLI (or a test) and passed down explicitly.
+
+Each setting is declared once, here: its type, default and validation, and in its field's
+metadata (:func:`flag`) the help text and shape of its command-line flag. ``segpipe run`` and
+``segpipe bench`` generate their flags from these fields (see ``segpipe.cli``).
+"""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_tiny_fpn")
 # ``auto``: the arch a checkpoint records, else the first of ARCHS.
@@ -20,6 +27,62 @@ FP16_ON_CPU = (
 # Low-cardinality columns it makes sense to make folders of. ``label`` partitions only the
 # instances table; ``status`` only the images table.
 PARTITION_COLUMNS = ("run_id", "label", "label_id", "status")
+
+# The argument groups of `segpipe run --help`; settings of no group are listed under "options".
+INPUT_GROUP = "input (one of)"
+MODEL_GROUP = "model"
+SCALE_GROUP = "scale"
+
+
+@dataclass(frozen=True)
+class Flag:
+    """The command-line flag of a setting (a dataclass field); see :func:`flag`."""
+
+    help: str
+    name: str | None = None
+    dest: str | None = None
+    group: str | None = None
+    choices: tuple[str, ...] | None = None
+    parse: Callable[[str], Any] | None = None
+    metavar: str | None = None
+    many: bool = False
+    exclusive: str | None = None
+
+
+def flag(
+    help: str,
+    *,
+    name: str | None = None,
+    dest: str | None = None,
+    group: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    parse: Callable[[str], Any] | None = None,
+    metavar: str | None = None,
+    many: bool = False,
+    exclusive: str | None = None,
+) -> dict[str, Any]:
+    """Field metadata declaring a setting's flag: ``field(default=4, metadata=flag("..."))``.
+
+    ``help``: one line; the CLI appends "(default: X)" from the field's default unless the
+    text has a "(default..." of its own (or the default is None, False or empty). ``name``: the
+    flag, if not ``--field-name``. ``dest``: the argparse and config-file key, if not the
+    field's name. ``group``: the argument group. ``parse``: what turns the flag's text into a
+    value, if not the field's type. ``many``: the flag takes one or more values and may be
+    repeated. ``exclusive``: flags naming the same ``exclusive`` exclude each other.
+    """
+    return {
+        "flag": Flag(help, name, dest, group, choices, parse, metavar, many, exclusive),
+    }
+
+
+def set_by(name: str) -> dict[str, Any]:
+    """Field metadata of a setting that has no flag of its own: flag ``name`` sets it."""
+    return {"set_by": name}
+
+
+def comma_separated(text: str) -> tuple[str, ...]:
+    """``"a, b,"`` -> ``("a", "b")``: the values of a comma-separated flag."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 @dataclass(frozen=True)
@@ -41,24 +104,81 @@ class ModelConfig:
     ``maskrcnn_resnet50_fpn`` at 800/1333.
     """
 
-    arch: str = "auto"
-    weights: str = "DEFAULT"
-    # Expected SHA-256 (hex) of a checkpoint file; a mismatch refuses to load it.
-    weights_sha256: str | None = None
-    # Category names for a non-COCO checkpoint that carries none: a JSON list of names, a COCO
-    # "categories" list of {"id", "name"} objects, or a text file with one name per line.
-    categories: str | None = None
-    device: str = "auto"  # auto | cpu | cuda
-    min_size: int | None = None  # short side the model rescales each image to (800)
-    max_size: int | None = None  # cap on the long side after rescaling (1333)
-    score_threshold: float = 0.05  # drop detections scoring below this (box_score_thresh)
-    mask_threshold: float = 0.5  # a mask pixel is set where its probability is > this
-    max_detections: int = 100  # keep at most this many detections per image
+    arch: str = field(
+        default="auto",
+        metadata=flag(
+            "auto: the checkpoint's, else R50-FPN", group=MODEL_GROUP, choices=ARCH_CHOICES
+        ),
+    )
+    weights: str = field(
+        default="DEFAULT",
+        metadata=flag(
+            "DEFAULT | <torchvision name> | <checkpoint URI> | shapes | none", group=MODEL_GROUP
+        ),
+    )
+    weights_sha256: str | None = field(
+        default=None,
+        metadata=flag(
+            "required SHA-256 (hex) of the checkpoint file; a mismatch refuses to load it",
+            group=MODEL_GROUP,
+        ),
+    )
+    # For a non-COCO checkpoint that carries none: a JSON list of names, a COCO "categories"
+    # list of {"id", "name"} objects, or a text file with one name per line.
+    categories: str | None = field(
+        default=None,
+        metadata=flag(
+            "category names for the checkpoint (JSON list, COCO categories, or one a line)",
+            group=MODEL_GROUP,
+            metavar="URI",
+        ),
+    )
+    device: str = field(
+        default="auto",
+        metadata=flag("where the model runs", group=MODEL_GROUP, choices=DEVICES),
+    )
+    min_size: int | None = field(
+        default=None,
+        metadata=flag(
+            "short side to rescale each image to (default: checkpoint's, else 800)",
+            group=MODEL_GROUP,
+        ),
+    )
+    max_size: int | None = field(
+        default=None,
+        metadata=flag(
+            "cap on the long side after rescaling (default: checkpoint's, else 1333)",
+            group=MODEL_GROUP,
+        ),
+    )
+    score_threshold: float = field(
+        default=0.05,
+        metadata=flag("drop detections scoring below this", group=MODEL_GROUP),  # box_score_thresh
+    )
+    mask_threshold: float = field(
+        default=0.5,
+        metadata=flag("a mask pixel is set where its probability is > this", group=MODEL_GROUP),
+    )
+    max_detections: int = field(
+        default=100,
+        metadata=flag("keep at most this many detections per image", group=MODEL_GROUP),
+    )
     # Speed levers, measured in BENCHMARKS.md: run the model under bf16/fp16 autocast (box
     # and mask geometry stays float32), with channels-last convolutions, with cuDNN autotuning.
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    channels_last: bool = False
-    cudnn_benchmark: bool = False
+    precision: str = field(
+        default="fp32",
+        metadata=flag(
+            "autocast precision; box and mask geometry stays float32",
+            group=MODEL_GROUP,
+            choices=PRECISIONS,
+        ),
+    )
+    channels_last: bool = field(
+        default=False, metadata=flag("channels-last convolutions", group=MODEL_GROUP)
+    )
+    cudnn_benchmark: bool = field(
+        default=False, metadata=flag("cuDNN autotuning (CUDA)", group=MODEL_GROUP)
+    )
 
     def __post_init__(self) -> None:
         if self.arch not in ARCH_CHOICES:
@@ -96,7 +216,10 @@ class ModelConfig:
 class DecodeConfig:
     """How to turn bytes into pixels."""
 
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_pixels: int = field(
+        default=DEFAULT_MAX_PIXELS,
+        metadata=flag("refuse images of more pixels than this", group=MODEL_GROUP),
+    )
 
     def __post_init__(self) -> None:
         if self.max_pixels < 1:
@@ -132,29 +255,104 @@ class RunConfig:
     ``manifest`` (a Parquet, CSV or text file of image URIs) is set.
     """
 
-    output: str
-    inputs: tuple[str, ...] = ()
-    manifest: str | None = None
-    # Manifest column that holds the image URIs (Parquet/CSV); text manifests have one per line.
-    uri_column: str = "uri"
-    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
-    run_id: str | None = None  # default: run-<UTC timestamp>
+    # Required, but not by argparse: a config file may set it.
+    output: str = field(metadata=flag("where the tables go (required)", metavar="URI"))
+    inputs: tuple[str, ...] = field(
+        default=(),
+        metadata=flag(
+            "folders, prefixes or globs on any fsspec filesystem",
+            name="--input",
+            group=INPUT_GROUP,
+            metavar="URI",
+            many=True,
+        ),
+    )
+    manifest: str | None = field(
+        default=None,
+        metadata=flag("Parquet, CSV or text file of image URIs", group=INPUT_GROUP, metavar="URI"),
+    )
+    # Text manifests have one URI per line.
+    uri_column: str = field(
+        default="uri",
+        metadata=flag("Parquet or CSV manifest column holding the URIs", group=INPUT_GROUP),
+    )
+    extensions: tuple[str, ...] = field(
+        default=DEFAULT_EXTENSIONS,
+        metadata=flag(
+            "image file extensions to list, comma-separated",
+            group=INPUT_GROUP,
+            parse=comma_separated,
+        ),
+    )
+    run_id: str | None = field(
+        default=None, metadata=flag("name of this run (default: run-<UTC timestamp>)")
+    )
     model: ModelConfig = ModelConfig()
     decode: DecodeConfig = DecodeConfig()
-    batch_size: int = 4  # images per model call
-    load_batch_size: int = 16  # images per read+decode task
-    min_actors: int = 1
-    max_actors: int | None = None  # default: one per GPU, or min_actors without GPUs
-    gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
-    cpus_per_actor: float = 1.0
-    # Threads torch uses in each model actor on CPU; default: what Ray sets, cpus_per_actor.
-    # On a CPU-only node whose decoding is light, all of the node's cores pay (Benchmarks).
-    torch_threads: int | None = None
-    partition_by: tuple[str, ...] = ("run_id",)
-    images_per_file: int = 5000  # rows per images file; instances files hold their detections
+    batch_size: int = field(default=4, metadata=flag("images per model call", group=SCALE_GROUP))
+    load_batch_size: int = field(
+        default=16, metadata=flag("images per read+decode task", group=SCALE_GROUP)
+    )
+    # `--actors N` or `--actors MIN:MAX` sets both min_actors and max_actors (in the CLI's
+    # run_config, after a config file's `actors` is merged).
+    min_actors: int = field(
+        default=1,
+        metadata=flag(
+            "model actors: N or MIN:MAX (default: one per GPU, or 1 without GPUs)",
+            name="--actors",
+            dest="actors",
+            group=SCALE_GROUP,
+            parse=str,
+        ),
+    )
+    # Default: one per GPU, or min_actors without GPUs.
+    max_actors: int | None = field(default=None, metadata=set_by("--actors"))
+    gpus_per_actor: float | None = field(
+        default=None,
+        metadata=flag(
+            "GPUs per model actor (default: 1 when the cluster has GPUs, else 0)",
+            group=SCALE_GROUP,
+        ),
+    )
+    cpus_per_actor: float = field(
+        default=1.0, metadata=flag("CPUs per model actor", group=SCALE_GROUP)
+    )
+    # What Ray sets by default. On a CPU-only node whose decoding is light, all of the node's
+    # cores pay (Benchmarks).
+    torch_threads: int | None = field(
+        default=None,
+        metadata=flag(
+            "torch threads per model actor on CPU (default: --cpus-per-actor)",
+            group=SCALE_GROUP,
+        ),
+    )
+    partition_by: tuple[str, ...] = field(
+        default=("run_id",),
+        metadata=flag(
+            f"partition columns ({', '.join(PARTITION_COLUMNS)}), comma-separated, or 'none'",
+            group=SCALE_GROUP,
+            parse=comma_separated,
+        ),
+    )
+    # Instances files hold the detections of their images.
+    images_per_file: int = field(
+        default=5000, metadata=flag("images (rows) per images file", group=SCALE_GROUP)
+    )
     # An existing run of the same id: finish it (skip committed images) or replace it.
-    resume: bool = False
-    overwrite: bool = False
+    resume: bool = field(
+        default=False,
+        metadata=flag(
+            "finish an interrupted run of this --run-id: skip the images it committed",
+            exclusive="again",
+        ),
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata=flag(
+            "replace the run of this --run-id (its rows, record and listing) with a new one",
+            exclusive="again",
+        ),
+    )
 
     def __post_init__(self) -> None:
         if bool(self.inputs) == (self.manifest is not None):
@@ -192,21 +390,38 @@ class RunConfig:
 class BenchConfig:
     """One ``segpipe bench`` (see :mod:`segpipe.tools.benchmark`)."""
 
-    device: str = "auto"
-    arch: str = "maskrcnn_resnet50_fpn"
-    weights: str = "none"
-    width: int = 640
-    height: int = 480
-    batch_size: int = 1
-    detections: int = 20
-    images: int = 8
-    scale: int = 10  # the scaling run uses images * scale; 1 skips it
-    bare_seconds: float = 20.0  # time the bare model over at least this long (and 3 rounds)
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0  # 0: the pipeline's default (1 when there are GPUs); 0.5: two
-    torch_threads: int = 0  # the pipeline's model actor; 0: as many as the bare model uses
-    precision: str = "fp32"  # the model's levers, in both the bare model and the pipeline
-    channels_last: bool = False
+    device: str = field(default="auto", metadata=flag("auto, cpu or cuda"))
+    arch: str = field(default="maskrcnn_resnet50_fpn", metadata=flag("the model's architecture"))
+    weights: str = field(
+        default="none",
+        metadata=flag("as segpipe run's; none (random) gives exactly --detections per image"),
+    )
+    width: int = field(default=640, metadata=flag("width of the generated JPEGs"))
+    height: int = field(default=480, metadata=flag("height of the generated JPEGs"))
+    batch_size: int = field(default=1, metadata=flag("images per model call"))
+    detections: int = field(
+        default=20, metadata=flag("detections per image (the model's max, the stages' masks)")
+    )
+    images: int = field(default=8, metadata=flag("images for the bare model and the pipeline"))
+    scale: int = field(default=10, metadata=flag("the scaling run uses images * scale; 1 skips it"))
+    bare_seconds: float = field(
+        default=20.0, metadata=flag("time the bare model over at least this long (and 3 rounds)")
+    )
+    cpus_per_actor: float = field(default=1.0, metadata=flag("CPUs per pipeline model actor"))
+    gpus_per_actor: float = field(
+        default=0.0,
+        metadata=flag(
+            "GPUs per pipeline model actor; 0: the pipeline's default (1 when there are GPUs); "
+            "0.5: two a GPU"
+        ),
+    )
+    torch_threads: int = field(
+        default=0,
+        metadata=flag("torch threads of the pipeline's model actor; 0: as the bare model's"),
+    )
+    # The model's levers, in both the bare model and the pipeline.
+    precision: str = field(default="fp32", metadata=flag("autocast: fp32, bf16 or fp16"))
+    channels_last: bool = field(default=False, metadata=flag("channels-last convolutions"))
 
     def __post_init__(self) -> None:
         for name in ("width", "height", "batch_size", "detections", "images", "scale"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -10,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segpipe.cli import main
+from segpipe.cli import build_parser, main, run_config
+from segpipe.config import BenchConfig, DecodeConfig, ModelConfig, RunConfig
 from segpipe.job.stages import image_rows
 from segpipe.job.writer import write_rows
 from tests.conftest import run_isolated
@@ -72,3 +75,69 @@ def test_demo_runs_end_to_end() -> None:
     assert re.search(r"^segm(\s+-?[01]\.\d{3}){6}$", out, re.M), out[-1500:]
     ap50 = float(re.search(r"mask AP@0\.5 = ([01]\.\d{3})", out).group(1))  # type: ignore[union-attr]
     assert ap50 >= 0.5
+
+
+def _parsers() -> dict[str, argparse.ArgumentParser]:
+    """The top-level parser ("") and each subcommand's, by name."""
+    top = build_parser()
+    (sub,) = (a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+    return {"": top, **sub.choices}
+
+
+def test_every_flag_has_help() -> None:
+    for name, parser in _parsers().items():
+        for action in parser._actions:
+            assert action.help and action.help.strip(), (name, action.option_strings, action.dest)
+            if isinstance(action, argparse._SubParsersAction):
+                for choice in action._choices_actions:
+                    assert choice.help and choice.help.strip(), choice.dest
+
+
+def test_every_setting_is_a_flag_of_run() -> None:
+    """Each field of the run's configs has a flag of `segpipe run` (min_actors and max_actors:
+    --actors), and the flags land in the right fields."""
+    run = _parsers()["run"]
+    dests = {a.dest for a in run._actions}
+    options = {o for a in run._actions for o in a.option_strings}
+    for cls in (RunConfig, ModelConfig, DecodeConfig):
+        for f in dataclasses.fields(cls):
+            if f.name in ("model", "decode"):
+                continue
+            if "flag" in f.metadata:
+                assert (f.metadata["flag"].dest or f.name) in dests, f.name
+            else:
+                assert f.metadata["set_by"] in options, f.name
+    assert {f.name for f in dataclasses.fields(RunConfig) if "set_by" in f.metadata} == {
+        "max_actors"
+    }
+    parse = build_parser().parse_args
+    # No flag: the dataclasses' defaults (the flags default to None, not to a value of their own).
+    assert run_config(parse(["run", "--input", "/in", "--output", "/out"])) == RunConfig(
+        output="/out", inputs=("/in",)
+    )
+    argv = "run --input /a /b --input /c --output /out --extensions png,jpg --uri-column u"
+    argv += " --score-threshold 0.25 --max-pixels 1000 --cudnn-benchmark --actors 2:5"
+    argv += " --gpus-per-actor 0.5 --partition-by none --images-per-file 7"
+    cfg = run_config(parse(argv.split()))
+    assert cfg.inputs == ("/a", "/b", "/c") and cfg.extensions == ("png", "jpg")
+    assert cfg.uri_column == "u" and cfg.images_per_file == 7 and cfg.partition_by == ()
+    assert (cfg.min_actors, cfg.max_actors, cfg.gpus_per_actor) == (2, 5, 0.5)
+    assert cfg.model == ModelConfig(score_threshold=0.25, cudnn_benchmark=True)
+    assert cfg.decode == DecodeConfig(max_pixels=1000)
+    helps = {a.dest: a.help for a in run._actions}
+    assert helps["batch_size"] == "images per model call (default: 4)"
+    assert helps["partition_by"].endswith("(default: run_id)")
+
+
+def test_bench_help_lists_help_text(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "400")  # one line a flag
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--width WIDTH width of the generated JPEGs (default: 640)" in out
+    for f in dataclasses.fields(BenchConfig):
+        flag, text = f"--{f.name.replace('_', '-')}", f.metadata["flag"].help
+        assert re.search(rf"{flag}( [A-Z_]+)? {re.escape(text)}", out), (flag, out)
