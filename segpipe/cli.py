@@ -35,6 +35,7 @@ from segpipe.config import (
     RunConfig,
     comma_separated,
 )
+from segpipe.layout import TABLES
 
 log = logging.getLogger("segpipe")
 
@@ -118,7 +119,7 @@ def _ddl_flags(ddl: argparse.ArgumentParser) -> None:
         help="the SQL engine to write for",
     )
     ddl.add_argument("--location", required=True, metavar="URI", help="the output's URI")
-    ddl.add_argument("--table", choices=("images", "instances"), help="default: both")
+    ddl.add_argument("--table", choices=TABLES, help="default: both")
     ddl.add_argument(
         "--partition-by", type=comma_separated, default=("run_id",), help="as in the run"
     )
@@ -229,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "ddl":
             from segpipe.analytics.engines import ddl
 
-            for table in [args.table] if args.table else ["images", "instances"]:
+            for table in [args.table] if args.table else TABLES:
                 partition_by = () if args.partition_by == ("none",) else args.partition_by
                 print(ddl(args.engine, table, args.location, partition_by))
             return 0
