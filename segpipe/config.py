@@ -220,6 +220,17 @@ class DecodeConfig:
         default=DEFAULT_MAX_PIXELS,
         metadata=flag("refuse images of more pixels than this", group=MODEL_GROUP),
     )
+    # By default an image larger than the model's input is decoded straight to the size the
+    # model would resize it to (JPEG DCT scaling, then a resize), and the rows still describe
+    # the full-resolution image. This decodes every pixel instead, as torchvision would.
+    full_resolution: bool = field(
+        default=False,
+        metadata=flag(
+            "decode large images in full and let the model resize them, as torchvision does "
+            "(slower; bit-exact torchvision behaviour on large images)",
+            group=MODEL_GROUP,
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.max_pixels < 1:

@@ -81,8 +81,7 @@ def absolute(uri: str) -> str:
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     """Whether ``fs`` is a local disk (folders exist, renames are atomic), not an object store."""
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    return "file" in protocols or "local" in protocols
+    return bool(_protocols(fs) & {"file", "local"})
 
 
 def fs_root(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -165,15 +164,22 @@ def retrying(
 
 
 def read_bytes(uri: str, **storage_options: Any) -> bytes:
-    """The whole content of the file at ``uri`` (a local path or any fsspec URI), with
-    transient faults retried (:func:`retrying`)."""
+    """The whole content of the file at ``uri`` (a local path or any fsspec URI) in one read
+    request, with transient faults retried (:func:`retrying`)."""
     return retrying(_read_once, uri, **storage_options)
 
 
 def _read_once(uri: str, **storage_options: Any) -> bytes:
-    with fsspec.open(uri, "rb", **storage_options) as f:
-        data: bytes = f.read()
+    # One GET on an object store: opening a file object first asks for its size, and so
+    # does s3fs's cat_file when it may download in parallel parts (not for one image).
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    one_part = {"max_concurrency": 1} if _protocols(fs) & {"s3", "s3a"} else {}
+    data: bytes = fs.cat_file(path, **one_part)
     return data
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> set[str]:
+    return {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
 
 
 def sha256_hex(data: bytes) -> str:

@@ -4,9 +4,10 @@ Every writer, reader and test imports these schemas; nothing else spells out a c
 
 Conventions (the column contract; README.md "Output tables" says the same for SQL users):
 
-- Pixel coordinates refer to the *decoded* image: EXIF orientation applied, so width and
-  height are those of the image as a viewer displays it. The origin is the top-left corner,
-  x grows to the right, y grows downwards, units are pixels.
+- Pixel coordinates refer to the *decoded* image at full resolution: EXIF orientation
+  applied, so width and height are those of the image as a viewer displays it, also when its
+  pixels were decoded at the model's smaller scale (boxes and masks are mapped back). The
+  origin is the top-left corner, x grows to the right, y grows downwards, units are pixels.
 - Boxes are ``[box_x0, box_y0, box_x1, box_y1]`` (float32, absolute pixels; x1/y1 exclusive
   edges as torchvision reports them, so ``box_x1 - box_x0`` is the box width).
 - ``mask_rle`` is the ``counts`` string of a COCO *compressed* RLE of the binary mask, in

@@ -10,7 +10,8 @@ and answers some of them itself, on a fixed schedule (request number ``n``):
 Per-key rules play the parts a plain server can't: keys containing ``forbidden_marker`` answer
 ``403 AccessDenied`` (a bucket policy that denies reading them), and keys containing
 ``vanish_marker`` are deleted from the server on the first read (a file that vanishes between
-listing and reading). ``counts`` says how many of each were injected.
+listing and reading). ``counts`` says how many of each were injected; ``requests`` lists
+every request as ``(method, path)``.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class FaultProxy:
         self.upstream_port = parts.port or 80
         self.plan = plan
         self.counts: Counter[str] = Counter()
+        self.requests: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         self._requests = 0
         self._vanished: set[str] = set()
@@ -113,6 +115,8 @@ class FaultProxy:
         body = _read_body(h)
         path = urlsplit(h.path).path
         reading = h.command in ("GET", "HEAD")
+        with self._lock:
+            self.requests.append((h.command, path))
         fault = self._scheduled(self._next())
         if fault == "reset":
             self._count("reset")

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from segpipe import schema
-from segpipe.core.decode import DecodedImage, decode_image
+from segpipe.core.decode import DecodedImage, decode_image, model_input_size
 from segpipe.schema import Failure
 from tests.corpus import png_header_claiming
 
@@ -185,3 +185,118 @@ def test_every_error_code_is_documented_in_the_readme() -> None:
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     decoding = readme[readme.index("Failures become rows") :][:900]
     assert [code for code in schema.ERROR_CODES if f"`{code}`" not in decoding] == []
+
+
+# --- Decoding to the model's scale (fit=(min_size, max_size)) ---
+
+FIT = (200, 333)
+
+
+def photo(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A smooth image with some detail: large images shrunk two ways must stay close."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([xs / width, ys / height, (xs + ys) / (width + height)], axis=2) * 200
+    blobs = np.sin(xs / 37.0 + rng.uniform(0, 6)) * np.cos(ys / 23.0 + rng.uniform(0, 6)) * 40
+    return np.clip(base + blobs[..., None] + 20, 0, 255).astype(np.uint8)
+
+
+def shrunk(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A reference: the full decode, resized by Pillow with a filter over each footprint."""
+    height, width = size
+    return np.asarray(Image.fromarray(pixels).resize((width, height), Image.Resampling.BOX))
+
+
+def fitted(data: bytes, **kwargs: object) -> DecodedImage:
+    result = decode_image(data, fit=FIT, **kwargs)  # type: ignore[arg-type]
+    assert isinstance(result, DecodedImage), result
+    assert result.pixels.dtype == np.uint8 and result.pixels.flags.c_contiguous
+    return result
+
+
+@pytest.mark.parametrize(
+    "size", [(640, 480), (480, 640), (800, 450), (333, 1000), (1000, 333), (4000, 3000)]
+)
+def test_model_input_size_is_torchvisions(size: tuple[int, int]) -> None:
+    import torch
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    width, height = size
+    for min_size, max_size in ((800, 1333), FIT, (256, 448)):
+        transform = GeneralizedRCNNTransform(min_size, max_size, [0.0] * 3, [1.0] * 3)
+        images, _ = transform([torch.zeros(3, height, width)])
+        expected = tuple(images.image_sizes[0])
+        assert model_input_size(height, width, min_size, max_size) == expected
+
+
+def test_images_at_or_below_the_model_size_are_untouched() -> None:
+    for width, height in ((48, 32), (333, 200), (300, 200)):
+        data = encode(Image.fromarray(photo(width, height)), "JPEG", quality=90)
+        whole = decode_image(data)
+        small = fitted(data)
+        assert isinstance(whole, DecodedImage) and small.size is None
+        np.testing.assert_array_equal(small.pixels, whole.pixels)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_large_images_come_out_at_the_model_size_with_their_full_size(fmt: str) -> None:
+    pixels = photo(1600, 1200)
+    result = fitted(encode(Image.fromarray(pixels), fmt, quality=92))
+    target = model_input_size(1200, 1600, *FIT)
+    assert result.pixels.shape == (*target, 3) and target == (200, 266)
+    assert (result.width, result.height) == (1600, 1200)
+    error = np.abs(result.pixels.astype(int) - shrunk(pixels, target).astype(int)).mean()
+    assert error < 3, error
+
+
+def test_exif_rotation_at_the_model_size() -> None:
+    stored = photo(1600, 1200)
+    stored[:200, :200] = [255, 0, 0]  # a marker at the stored top-left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    result = fitted(encode(Image.fromarray(stored), "JPEG", quality=92, exif=exif.tobytes()))
+    upright = np.rot90(stored, k=-1)
+    assert (result.width, result.height) == (1200, 1600)
+    target = model_input_size(1600, 1200, *FIT)
+    assert result.pixels.shape == (*target, 3)
+    error = np.abs(result.pixels.astype(int) - shrunk(upright, target).astype(int)).mean()
+    assert error < 3, error
+    assert result.pixels[2, -3].tolist()[0] > 200  # the marker, at the displayed top-right
+
+
+@pytest.mark.parametrize("kind", ["cmyk", "16bit", "palette", "rgba", "gray"])
+def test_odd_modes_at_the_model_size_match_the_full_decode(kind: str) -> None:
+    pixels = photo(1500, 1000, seed=3)
+    rgb = Image.fromarray(pixels)
+    if kind == "cmyk":
+        data = encode(rgb.convert("CMYK"), "JPEG", quality=95)
+    elif kind == "16bit":
+        data = encode(Image.fromarray(pixels[:, :, 0].astype(np.uint16) * 257), "PNG")
+    elif kind == "palette":
+        data = encode(rgb.convert("P"), "PNG", transparency=0)
+    elif kind == "rgba":
+        alpha = np.where(np.arange(1500)[None, :] < 750, 255, 0).astype(np.uint8)
+        rgba = np.dstack([pixels, np.repeat(alpha, 1000, axis=0)])
+        data = encode(Image.fromarray(rgba, mode="RGBA"), "PNG")
+    else:
+        data = encode(rgb.convert("L"), "PNG")
+    whole = decoded(data)
+    result = fitted(data)
+    assert (result.width, result.height) == (1500, 1000)
+    reference = shrunk(whole, result.pixels.shape[:2])
+    assert np.abs(result.pixels.astype(int) - reference.astype(int)).mean() < 3
+
+
+def test_every_error_is_the_same_at_the_model_size() -> None:
+    data = encode(Image.fromarray(photo(1600, 1200)), "JPEG", quality=90)
+    assert failed(data[: len(data) // 2], schema.TRUNCATED, fit=FIT).width == 1600
+    failed(data, schema.TOO_LARGE, max_pixels=1_000_000, fit=FIT)
+    failed(png_header_claiming(20000, 20000), schema.TOO_LARGE, fit=FIT)
+    failed(b"", schema.EMPTY, fit=FIT)
+    failed(b"<html>oops</html>", schema.NOT_AN_IMAGE, fit=FIT)
+
+
+@pytest.mark.parametrize("size", [(20000, 5), (5, 20000), (10000, 10)])
+def test_very_thin_images_are_decoded_whole(size: tuple[int, int]) -> None:
+    result = fitted(encode(Image.new("RGB", size, (1, 2, 3)), "PNG"))
+    assert result.size is None and result.pixels.shape == (size[1], size[0], 3)

@@ -18,6 +18,7 @@ from segpipe.analytics.evaluation import detection_results, evaluate
 from segpipe.analytics.query import connect
 from segpipe.cli import build_parser, main, run_config
 from segpipe.config import ModelConfig
+from segpipe.core.decode import DecodedImage, decode_image
 from segpipe.core.model import Segmenter
 from segpipe.job.record import read_record
 from segpipe.tools.shapes import (
@@ -131,8 +132,11 @@ def test_levers_reach_the_actors_and_the_record(ray_local: None, tmp_path: Path)
         expected, plain = {}, {}
         for image in shapes:
             uri = (tmp_path / "in" / image.file_name).as_uri()
+            # As the job decodes it: at the model's scale (256/448), sized in full.
+            seen = decode_image(image.png(), fit=(256, 448))
+            assert isinstance(seen, DecodedImage)
             for table, segmenter in ((expected, lever), (plain, fp32)):
-                (det,) = segmenter([image.pixels])
+                (det,) = segmenter([seen.pixels], [(seen.height, seen.width)])
                 order = np.argsort(-det.scores, kind="stable")
                 table.update({(uri, r): float(det.scores[k]) for r, k in enumerate(order)})
     finally:

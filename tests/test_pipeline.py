@@ -17,7 +17,7 @@ import torch
 
 from segpipe.analytics.query import connect
 from segpipe.cli import main
-from segpipe.config import ModelConfig, RunConfig
+from segpipe.config import DecodeConfig, ModelConfig, RunConfig
 from segpipe.core.decode import DecodedImage, decode_image
 from segpipe.core.model import Segmenter
 from segpipe.core.rows import ImageRef
@@ -45,8 +45,12 @@ def config(output: str, checkpoint: Path, **kwargs: object) -> RunConfig:
     return RunConfig(output=output, model=model, batch_size=1, **kwargs)  # type: ignore[arg-type]
 
 
-def core_instances(uris: list[str], checkpoint: Path, run_id: str) -> pa.Table:
-    """What the core (no Ray) gives for the same images, single-threaded like the actor."""
+def core_instances(
+    uris: list[str], checkpoint: Path, run_id: str, full_resolution: bool = False
+) -> pa.Table:
+    """What the core (no Ray) gives for the same images, single-threaded like the actor:
+    decoded at the model's scale (or in full), detections in full-resolution coordinates."""
+    fit = None if full_resolution else (SMALL["min_size"], SMALL["max_size"])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -54,10 +58,11 @@ def core_instances(uris: list[str], checkpoint: Path, run_id: str) -> pa.Table:
         tables = []
         for uri in uris:
             with fsspec.open(uri, "rb") as f:
-                image = decode_image(f.read())
+                image = decode_image(f.read(), fit=fit)
             assert isinstance(image, DecodedImage)
             ref = ImageRef(run_id, image_id(uri), uri, image.width, image.height)
-            tables.append(instances_rows([ref], segmenter([image.pixels]), segmenter.categories))
+            found = segmenter([image.pixels], [(image.height, image.width)])
+            tables.append(instances_rows([ref], found, segmenter.categories))
     finally:
         torch.set_num_threads(threads)
     return pa.concat_tables(tables)
@@ -132,7 +137,15 @@ def test_s3_input_and_output(ray_local: None, s3_env: str, random_checkpoint: Pa
     fs.pipe_file("segpipe-in/photos/truncated.png", b"\x89PNG\r\n\x1a\n\x00\x00")
 
     output = "s3://segpipe-out/run1"
-    cfg = config(output, random_checkpoint, inputs=("s3://segpipe-in/photos/",), run_id="s3")
+    # Decoding every pixel (--full-resolution): the rows are those of a full decode, as
+    # torchvision would see the images (p0, 160x120, is larger than the model's input).
+    cfg = config(
+        output,
+        random_checkpoint,
+        inputs=("s3://segpipe-in/photos/",),
+        run_id="s3",
+        decode=DecodeConfig(full_resolution=True),
+    )
     summary = run(cfg)
     assert (summary.images, summary.images_ok, summary.images_error) == (3, 2, 1)
 
@@ -143,8 +156,11 @@ def test_s3_input_and_output(ray_local: None, s3_env: str, random_checkpoint: Pa
         ("s3://segpipe-in/photos/p1.png", "ok"),
         ("s3://segpipe-in/photos/truncated.png", "error"),
     ]
-    n = con.execute("SELECT count(*) FROM instances").fetchone()
-    assert n is not None and n[0] == summary.instances
+    got = con.sql(f"SELECT {', '.join(INSTANCES_SCHEMA.names)} FROM instances").to_arrow_table()
+    uris = ["s3://segpipe-in/photos/p0.png", "s3://segpipe-in/photos/p1.png"]
+    expected = core_instances(uris, random_checkpoint, "s3", full_resolution=True)
+    assert got.num_rows == summary.instances == expected.num_rows
+    assert sorted_rows(got) == sorted_rows(expected)
     assert fs.exists("segpipe-out/run1/_runs/s3.json")
     for path in fs.find("segpipe-out/run1"):
         assert FAKE_SECRET.encode() not in fs.cat_file(path), path

@@ -17,11 +17,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from segpipe.analytics.evaluation import evaluate, format_metrics, predictions
 from segpipe.analytics.query import connect
 from segpipe.cli import main
 from segpipe.config import ModelConfig, RunConfig
+from segpipe.core.decode import DecodedImage, decode_image
 from segpipe.core.encode import decode_mask
 from segpipe.core.model import Segmenter
 from segpipe.core.tiny import ARCH
@@ -144,6 +146,34 @@ def test_training_is_deterministic(tmp_path: Path) -> None:
     assert other != first
     _, info = build_model(ModelConfig(weights=str(tmp_path / "a.pt")))
     assert info.arch == ARCH and info.categories[1:] == CATEGORIES
+
+
+def test_a_large_image_is_found_in_full_resolution_coordinates() -> None:
+    """A held-out scene drawn at 4x its size (each pixel a 4x4 block), decoded at the model's
+    scale as the job decodes it: every shape is found at the 4x image's coordinates, boxes
+    and masks lining up with the shapes drawn there."""
+    image = generate_image(HELD_OUT_SEED, 0)
+    big = np.repeat(np.repeat(image.pixels, 4, axis=0), 4, axis=1)
+    data = io.BytesIO()
+    Image.fromarray(big).save(data, format="JPEG", quality=95)
+    seen = decode_image(data.getvalue(), fit=(256, 448))
+    assert isinstance(seen, DecodedImage) and seen.size == big.shape[:2]
+    assert seen.pixels.shape[0] * seen.pixels.shape[1] * 10 < big.shape[0] * big.shape[1]
+    (det,) = Segmenter(ModelConfig(weights="shapes", device="cpu"))(
+        [seen.pixels], [(seen.height, seen.width)]
+    )
+    assert det.image_size == big.shape[:2]
+    confident = det.scores >= 0.5
+    masks, boxes = full_masks(det)[confident], det.boxes[confident]
+    labels = [CATEGORIES[i - 1] for i in det.labels[confident]]
+    for shape in image.shapes:
+        truth = np.repeat(np.repeat(shape.mask, 4, axis=0), 4, axis=1)
+        ious = [_iou(truth, mask) for mask in masks]
+        best = int(np.argmax(ious))
+        assert labels[best] == shape.category and ious[best] >= 0.8, (shape.category, ious)
+        ys, xs = np.nonzero(truth)
+        expected = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        assert np.abs(boxes[best] - expected).max() <= 16, (boxes[best], expected)
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -129,13 +129,13 @@ def test_segment_runs_a_failing_batch_one_by_one(
     poisoned = loaded["pixels"][1]
     real = segment.segmenter.__call__
 
-    def flaky(images: list[np.ndarray]) -> list[object]:
+    def flaky(images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[object]:
         if any(image is poisoned for image in images):
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return real(images)
+        return real(images, sizes)
 
     # Calls look __call__ up on the type: patch the class for this test only.
-    monkeypatch.setattr(type(segment.segmenter), "__call__", lambda self, images: flaky(images))
+    monkeypatch.setattr(type(segment.segmenter), "__call__", lambda self, *args: flaky(*args))
     images, _ = split_tables(segment(loaded))
     rows = images.to_pylist()
     assert [r["status"] for r in rows] == ["ok", "error", "ok", "error", "error"]
@@ -193,3 +193,33 @@ def test_cpu_tasks_never_import_torch() -> None:
         "sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def test_load_batch_decodes_large_images_at_the_model_scale(tmp_path: Path) -> None:
+    """With the model's sizes, a large image's pixels come at the model's input size while its
+    row keeps the full-resolution size; small ones, and --full-resolution, are untouched."""
+    from segpipe.core.decode import model_input_size
+
+    large, small = tmp_path / "large.jpg", tmp_path / "small.png"
+    sample_image(1, (1200, 900)).save(large, format="JPEG")
+    sample_image(2, (120, 80)).save(small, format="PNG")
+    batch = {"uri": np.array([large.as_uri(), small.as_uri()], dtype=object)}
+    fit = (SMALL["min_size"], SMALL["max_size"])
+    loaded = load_batch(batch, DecodeConfig(), fit=fit)
+    by_uri = {u: i for i, u in enumerate(loaded["uri"])}
+    i, j = by_uri[large.as_uri()], by_uri[small.as_uri()]
+    assert (loaded["width"][i], loaded["height"][i]) == (1200, 900)
+    assert loaded["pixels"][i].shape == (*model_input_size(900, 1200, *fit), 3)
+    assert loaded["pixels"][j].shape == (80, 120, 3)  # at or below the model's input size
+    whole = load_batch(batch, DecodeConfig(full_resolution=True), fit=fit)
+    assert sorted(p.shape for p in whole["pixels"]) == [(80, 120, 3), (900, 1200, 3)]
+
+
+def test_decode_task_memory_follows_the_model_input() -> None:
+    from segpipe.job.stages import ENCODED_BYTES_PER_IMAGE, load_batch_memory
+
+    decode = DecodeConfig(max_pixels=24_000_000)
+    fast = load_batch_memory(16, decode, (800, 1333))
+    assert fast == 16 * (3 * 800 * 1333 + ENCODED_BYTES_PER_IMAGE) + 2 * 3 * 24_000_000
+    full = load_batch_memory(16, DecodeConfig(max_pixels=24_000_000, full_resolution=True), None)
+    assert full == 16 * (3 * 24_000_000 + ENCODED_BYTES_PER_IMAGE) > 4 * fast

@@ -2,9 +2,19 @@
 
 Contract of :func:`decode_image`:
 
-- Output pixels are ``numpy.uint8`` of shape ``(height, width, 3)``, C-contiguous, RGB.
+- Output pixels are ``numpy.uint8`` of shape ``(h, w, 3)``, C-contiguous, RGB.
 - EXIF orientation is applied: the array is the image as a viewer displays it, and every
-  coordinate segpipe writes refers to this upright image.
+  coordinate segpipe writes refers to this upright image at full resolution, whose size is
+  :attr:`DecodedImage.width` x :attr:`DecodedImage.height`.
+- Decoding to the model's scale (``fit=(min_size, max_size)``, the model transform's
+  sizes): an image larger than the model's input comes out at exactly the size the model's
+  transform would resize it to (:func:`model_input_size`), so ``(h, w)`` is smaller than
+  ``(height, width)``. A JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) at or
+  above that size (Pillow's ``draft``), other formats in full and then shrunk by an integer
+  box filter; a bilinear resize then sets the exact size. Images at or below the model's
+  input size, and very thin ones (whose short side would go under
+  :data:`MIN_FIT_SIDE`), are decoded exactly as without ``fit``. Without ``fit``,
+  ``(h, w) == (height, width)``.
 - Colour handling: grayscale, bilevel and palette images are expanded to RGB; CMYK and other
   colour spaces are converted by Pillow (no ICC colour management); images with an alpha
   channel (RGBA, LA, palette with transparency) are composited over white; 16-bit images are
@@ -19,6 +29,7 @@ Contract of :func:`decode_image`:
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -28,24 +39,49 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from segpipe.config import DEFAULT_MAX_PIXELS
 from segpipe.schema import CORRUPT, EMPTY, NOT_AN_IMAGE, TOO_LARGE, TRUNCATED, Failure
 
+# Decoded at the model's scale, no side goes under this many pixels (thinner images are
+# decoded in full; the model pads them).
+MIN_FIT_SIDE = 8
+# EXIF orientations that swap width and height (transposed, rotated by 90 or 270 degrees).
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+_EXIF_ORIENTATION = 0x0112
+
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """An upright RGB image: ``pixels`` is uint8 ``(height, width, 3)``."""
+    """An upright RGB image: ``pixels`` is uint8 ``(h, w, 3)``; ``size`` is the upright
+    image's full-resolution ``(height, width)`` when the pixels were decoded smaller (at the
+    model's scale), else None (the pixels are the full image)."""
 
     pixels: np.ndarray
+    size: tuple[int, int] | None = None
 
     @property
     def height(self) -> int:
-        return int(self.pixels.shape[0])
+        return self.size[0] if self.size else int(self.pixels.shape[0])
 
     @property
     def width(self) -> int:
-        return int(self.pixels.shape[1])
+        return self.size[1] if self.size else int(self.pixels.shape[1])
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage | Failure:
-    """Decode encoded image bytes (JPEG, PNG, GIF, WebP, TIFF, BMP, ...) to upright RGB."""
+def model_input_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """The ``(height, width)`` torchvision's ``GeneralizedRCNNTransform`` resizes an image of
+    ``height`` x ``width`` to: scale = min(min_size / short side, max_size / long side),
+    each side times the scale floored, in double precision, as the transform and
+    ``torch.nn.functional.interpolate`` compute them."""
+    scale = min(min_size / min(height, width), max_size / max(height, width))
+    return math.floor(height * scale), math.floor(width * scale)
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    fit: tuple[int, int] | None = None,
+) -> DecodedImage | Failure:
+    """Decode encoded image bytes (JPEG, PNG, GIF, WebP, TIFF, BMP, ...) to upright RGB;
+    with ``fit=(min_size, max_size)``, a large image at the model's input size."""
     if len(data) == 0:
         return Failure(EMPTY, "empty file (0 bytes)")
     try:
@@ -74,6 +110,9 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decode
         return Failure(CORRUPT, f"image header declares an empty size {width}x{height}")
 
     try:
+        target = _fit_target(image, fit)
+        if target is not None and image.format == "JPEG":
+            image.draft(image.mode, _stored_order(image, target))
         image.load()
         pixels = _to_rgb(ImageOps.exif_transpose(image))
     except Exception as exc:
@@ -81,7 +120,49 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decode
         code = TRUNCATED if "truncat" in text.lower() else CORRUPT
         fmt = image.format or "image"
         return Failure(code, f"{fmt} data is {code}: {text}", width=width, height=height)
-    return DecodedImage(np.ascontiguousarray(pixels))
+    if target is None:
+        return DecodedImage(np.ascontiguousarray(pixels))
+    upright = (width, height) if _orientation(image) in _SWAPPING_ORIENTATIONS else (height, width)
+    return DecodedImage(_resized(pixels, target), size=upright)
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # an unreadable EXIF block: exif_transpose leaves the image as stored
+        return 1
+
+
+def _fit_target(image: Image.Image, fit: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The upright ``(h, w)`` to decode ``image`` to for a model of sizes ``fit``, or None
+    to decode it whole (no ``fit``; not larger than the model's input; very thin)."""
+    if fit is None:
+        return None
+    width, height = image.size
+    if _orientation(image) in _SWAPPING_ORIENTATIONS:
+        width, height = height, width
+    target = model_input_size(height, width, *fit)
+    if target[0] >= height or target[1] >= width or min(target) < MIN_FIT_SIDE:
+        return None
+    return target
+
+
+def _stored_order(image: Image.Image, target: tuple[int, int]) -> tuple[int, int]:
+    """``target`` (upright ``(h, w)``) as the ``(width, height)`` of the image as stored."""
+    h, w = target
+    return (h, w) if _orientation(image) in _SWAPPING_ORIENTATIONS else (w, h)
+
+
+def _resized(pixels: np.ndarray, target: tuple[int, int]) -> np.ndarray:
+    """``pixels`` shrunk to ``target`` ``(h, w)``: an integer box reduction first where the
+    image is at least twice as large, then bilinear (Pillow's, which filters over the
+    whole footprint of each output pixel)."""
+    h, w = target
+    image = Image.fromarray(pixels)
+    factor = min(image.width // w, image.height // h)
+    if factor >= 2:
+        image = image.reduce(factor)
+    return np.ascontiguousarray(np.asarray(image.resize((w, h), Image.Resampling.BILINEAR)))
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:

@@ -110,6 +110,17 @@ def _keep_geometry_float32(model: Any) -> None:
         head.register_forward_hook(outputs_float)
 
 
+def _frame(
+    tensor: torch.Tensor, image_size: tuple[int, int], size: tuple[int, int]
+) -> tuple[float, float]:
+    """The extent of ``tensor`` (an image of ``image_size``, perhaps padded at its far edges)
+    in the coordinates of an image of ``size``: the same scale on the padding."""
+    (th, tw), (h, w) = (int(tensor.shape[-2]), int(tensor.shape[-1])), image_size
+    if (th, tw) == (h, w):
+        return float(size[0]), float(size[1])
+    return th * size[0] / h, tw * size[1] / w
+
+
 class Segmenter:
     """Mask R-CNN loaded once; call it on a batch of RGB uint8 images."""
 
@@ -139,21 +150,39 @@ class Segmenter:
             time.perf_counter() - started,
         )
 
-    def __call__(self, images: Sequence[np.ndarray]) -> list[Detections]:
+    def __call__(
+        self, images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]] | None = None
+    ) -> list[Detections]:
+        """Detections of RGB uint8 ``(h, w, 3)`` images, in the coordinates of images of
+        ``sizes`` (``(height, width)`` each; default: the images' own). An image decoded
+        smaller than its size (at the model's scale) gets boxes and mask windows at full
+        resolution: boxes scaled by ``height / h`` and ``width / w``, masks pasted into
+        those boxes."""
         if not images:
             return []
+        own = [(int(i.shape[0]), int(i.shape[1])) for i in images]
+        sizes = list(sizes) if sizes is not None else own
         tensors = [self.to_tensor(image) for image in images]
-        return self.detect(tensors, [(int(i.shape[0]), int(i.shape[1])) for i in images])
+        frames = [
+            _frame(tensor, image_size, size)
+            for tensor, image_size, size in zip(tensors, own, sizes, strict=True)
+        ]
+        return self.detect(tensors, sizes, frames)
 
     def detect(
-        self, tensors: list[torch.Tensor], sizes: Sequence[tuple[int, int]] | None = None
+        self,
+        tensors: list[torch.Tensor],
+        sizes: Sequence[tuple[int, int]] | None = None,
+        frames: Sequence[tuple[float, float]] | None = None,
     ) -> list[Detections]:
         """The model on float ``(3, H, W)`` tensors in 0..1, already on the device; detections
-        for images of ``sizes`` (default: the tensors' sizes; less where padded), on the host."""
+        for images of ``sizes`` (default: the tensors' sizes; less where padded), on the host.
+        ``frames``: each tensor's extent in the coordinates of ``sizes`` (default: the
+        tensor's own size: one tensor pixel is one output pixel)."""
         if sizes is None:
             sizes = [(int(t.shape[-2]), int(t.shape[-1])) for t in tensors]
         with torch.inference_mode(), self._autocast():
-            outputs = self._forward(tensors)
+            outputs = self._forward(tensors, frames)
             return self._detections(outputs, list(sizes))
 
     def _autocast(self) -> torch.autocast:
@@ -162,11 +191,14 @@ class Segmenter:
             self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None
         )
 
-    def _forward(self, tensors: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        """``GeneralizedRCNN.forward`` in eval mode without its mask paste: boxes in input
-        pixels, ``masks`` still the mask head's (N, 1, 28, 28) probabilities."""
+    def _forward(
+        self, tensors: list[torch.Tensor], frames: Sequence[tuple[float, float]] | None = None
+    ) -> list[dict[str, torch.Tensor]]:
+        """``GeneralizedRCNN.forward`` in eval mode without its mask paste: boxes in the
+        coordinates of ``frames`` (default: input pixels), ``masks`` still the mask head's
+        (N, 1, 28, 28) probabilities."""
         model: Any = self.model  # a GeneralizedRCNN
-        original_sizes = [(int(t.shape[-2]), int(t.shape[-1])) for t in tensors]
+        original_sizes = frames or [(int(t.shape[-2]), int(t.shape[-1])) for t in tensors]
         images, _ = model.transform(tensors)
         if self.cfg.channels_last:
             images.tensors = images.tensors.contiguous(memory_format=torch.channels_last)

@@ -44,12 +44,17 @@ from segpipe.job.commit import WriteCounts
 from segpipe.job.inputs import manifest_format, prepare_manifest_batch
 from segpipe.job.lease import RunLease
 from segpipe.job.runs import RunSummary
-from segpipe.job.stages import Segment, encode_rows, load_batch, with_image_ids
+from segpipe.job.stages import (
+    Segment,
+    encode_rows,
+    load_batch,
+    load_batch_memory,
+    with_image_ids,
+)
 from segpipe.job.writer import write_rows
 
 log = logging.getLogger(__name__)
 
-DECODE_TASK_MEMORY = 256 * 1024**2
 ENCODE_TASK_MEMORY = 256 * 1024**2
 
 
@@ -70,7 +75,8 @@ def run(cfg: RunConfig) -> RunSummary:
             sink = _TablesSink(
                 attempt.cfg.output, attempt.cfg.partition_by, attempt.cfg.images_per_file
             )
-            _build(attempt.cfg, plan, attempt.done_files).write_datasink(sink)
+            fit = (int(attempt.weights["min_size"]), int(attempt.weights["max_size"]))
+            _build(attempt.cfg, plan, fit, attempt.done_files).write_datasink(sink)
         except BaseException as exc:
             runs.fail(attempt, exc)
             raise
@@ -107,20 +113,24 @@ def _actor_plan(cfg: RunConfig) -> ActorPlan:
     return plan
 
 
-def _build(cfg: RunConfig, plan: ActorPlan, done_files: list[str] | None = None) -> Dataset:
+def _build(
+    cfg: RunConfig, plan: ActorPlan, fit: tuple[int, int], done_files: list[str] | None = None
+) -> Dataset:
+    """The plan; ``fit`` is the model transform's ``(min_size, max_size)``, which the decode
+    tasks decode large images to (unless ``cfg.decode.full_resolution``)."""
     ds = _read_uris(cfg)
     if done_files:
         ds = _without_committed(ds, cfg, done_files)
     ds = ds.repartition(target_num_rows_per_block=cfg.load_batch_size)
     ds = ds.map_batches(
-        partial(load_batch, decode=cfg.decode),
+        partial(load_batch, decode=cfg.decode, fit=fit),
         batch_size=cfg.load_batch_size,
         batch_format="numpy",
         num_cpus=1,
-        # A reservation for the decoded pixels a task holds. Because it differs from the
-        # actors' resources it also keeps Ray from fusing decoding into the model actors,
-        # which should spend their time on inference only.
-        memory=DECODE_TASK_MEMORY,
+        # A reservation for the pixels a task holds. Because it differs from the actors'
+        # resources it also keeps Ray from fusing decoding into the model actors, which
+        # should spend their time on inference only.
+        memory=load_batch_memory(cfg.load_batch_size, cfg.decode, fit),
     )
     ds = ds.map_batches(
         Segment,

@@ -7,9 +7,11 @@ tests and the in-process runner call them directly.
 Columns between steps:
 
 - input: ``uri`` (str), plus any extra manifest columns, which are carried through untouched.
-- after :func:`load_batch`: ``image_id``, ``width``, ``height`` (int32, -1 when unknown),
-  ``status``, ``error_code``, ``error`` (str, "" when ok) and ``pixels`` (uint8 (H, W, 3); an
-  empty (0, 0, 3) array for images that failed).
+- after :func:`load_batch`: ``image_id``, ``width``, ``height`` (int32: the upright image's
+  full-resolution size; -1 when unknown), ``status``, ``error_code``, ``error`` (str, "" when
+  ok) and ``pixels`` (uint8 (h, w, 3): the full image, or, decoded at the model's scale,
+  smaller than ``height`` x ``width``; an empty (0, 0, 3) array for images that failed).
+  Every coordinate downstream is in the full-resolution ``width`` x ``height``.
 - after :class:`Segment`: a ``pyarrow.Table`` with one row per image: the ``images`` columns,
   the extra columns, and ``instances``, a list of structs (:data:`WINDOWED_STRUCT`) holding
   the image's detections, each mask as its packed window (``core.encode.MASK_WINDOW_FIELDS``).
@@ -78,8 +80,16 @@ def fetch(uri: str) -> bytes | Failure:
         return Failure(READ_ERROR, f"could not read {redact(uri)}: {type(exc).__name__}: {exc}")
 
 
-def load_batch(batch: Batch, decode: DecodeConfig, io_threads: int = 16) -> Batch:
-    """Read and decode every image of a batch; failures become error rows, never exceptions."""
+def load_batch(
+    batch: Batch, decode: DecodeConfig, fit: tuple[int, int] | None = None, io_threads: int = 16
+) -> Batch:
+    """Read and decode every image of a batch; failures become error rows, never exceptions.
+
+    ``fit``: the model transform's ``(min_size, max_size)``; unless ``decode.full_resolution``,
+    large images are decoded straight to the model's input size (``width`` and ``height``
+    stay the full-resolution upright size: ``pixels`` may be smaller). Images are decoded one
+    at a time, so at most one full-resolution decode is alive at once.
+    """
     uris: list[str] = []
     bad: dict[int, Failure] = {}
     for i, raw in enumerate(batch["uri"]):
@@ -101,8 +111,13 @@ def load_batch(batch: Batch, decode: DecodeConfig, io_threads: int = 16) -> Batc
     error_code = np.full(n, "", dtype=object)
     error = np.full(n, "", dtype=object)
     pixels = np.empty(n, dtype=object)
+    fit = None if decode.full_resolution else fit
     for i, got in enumerate(fetched):
-        result = got if isinstance(got, Failure) else decode_image(got, **vars(decode))
+        fetched[i] = b""  # the encoded bytes are not needed once decoded
+        if isinstance(got, Failure):
+            result: DecodedImage | Failure = got
+        else:
+            result = decode_image(got, max_pixels=decode.max_pixels, fit=fit)
         if isinstance(result, DecodedImage):
             status[i] = STATUS_OK
             width[i], height[i] = result.width, result.height
@@ -122,6 +137,23 @@ def load_batch(batch: Batch, decode: DecodeConfig, io_threads: int = 16) -> Batc
     ratio = np.where(status == STATUS_OK, width / np.maximum(height, 1), np.inf)
     order = np.argsort(ratio, kind="stable")
     return {k: v[order] for k, v in out.items()}
+
+
+# What a load_batch task's fetched file takes before it is decoded (a 12-24 MP JPEG: 3-8 MB).
+ENCODED_BYTES_PER_IMAGE = 4 * 1024**2
+
+
+def load_batch_memory(images: int, decode: DecodeConfig, fit: tuple[int, int] | None) -> int:
+    """Bytes a :func:`load_batch` task of ``images`` images holds at most: their pixels at
+    the model's largest input (``3 x min_size x max_size``) plus one full-resolution decode
+    in progress (``max_pixels`` RGB, and Pillow's copy), or, decoding at full resolution,
+    every image at ``max_pixels``; and the fetched files."""
+    full = 3 * decode.max_pixels
+    if fit is None or decode.full_resolution:
+        pixels = images * full
+    else:
+        pixels = images * 3 * fit[0] * fit[1] + 2 * full
+    return pixels + images * ENCODED_BYTES_PER_IMAGE
 
 
 def with_image_ids(batch: Batch) -> Batch:
@@ -159,7 +191,9 @@ class Segment:
     def __call__(self, batch: Batch) -> pa.Table:
         ok = [i for i, s in enumerate(batch["status"]) if s == STATUS_OK]
         try:
-            detections = self.segmenter([batch["pixels"][i] for i in ok])
+            detections = self.segmenter(
+                [batch["pixels"][i] for i in ok], [_size(batch, i) for i in ok]
+            )
             by_row: dict[int, Detections] = dict(zip(ok, detections, strict=True))
         except Exception as exc:
             log.warning(
@@ -177,7 +211,7 @@ class Segment:
         status, code, error = (batch[k].copy() for k in ("status", "error_code", "error"))
         for i in ok:
             try:
-                by_row[i] = self.segmenter([batch["pixels"][i]])[0]
+                by_row[i] = self.segmenter([batch["pixels"][i]], [_size(batch, i)])[0]
             except Exception as exc:
                 status[i], code[i] = STATUS_ERROR, MODEL_ERROR
                 error[i] = f"the model failed on this image: {type(exc).__name__}: {exc}"[:1000]
@@ -250,6 +284,11 @@ def split_tables(rows: pa.Table) -> tuple[pa.Table, pa.Table]:
             source = {"image_width": "width", "image_height": "height"}.get(field.name, field.name)
             columns.append(images.column(source).take(parents).cast(field.type))
     return images, pa.Table.from_arrays(columns, schema=INSTANCES_SCHEMA)
+
+
+def _size(batch: Batch, i: int) -> tuple[int, int]:
+    """Row ``i``'s full-resolution ``(height, width)``, the frame of its detections."""
+    return int(batch["height"][i]), int(batch["width"][i])
 
 
 def _extra_columns(batch: Batch) -> list[str]:
