@@ -45,6 +45,9 @@ MIN_FIT_SIDE = 8
 # EXIF orientations that swap width and height (transposed, rotated by 90 or 270 degrees).
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 _EXIF_ORIENTATION = 0x0112
+# Modes shrunk as decoded (resizing commutes with their conversion to RGB); the others are
+# converted first (alpha composited, 16 bits cut to 8), then shrunk.
+_RESIZED_AS_DECODED = ("RGB", "L")
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,10 @@ def decode_image(
         if target is not None and image.format == "JPEG":
             image.draft(image.mode, _stored_order(image, target))
         image.load()
-        pixels = _to_rgb(ImageOps.exif_transpose(image))
+        upright = ImageOps.exif_transpose(image)
+        if target is not None and upright.mode in _RESIZED_AS_DECODED:
+            upright = _shrunk(upright, target)  # no copy of the full-size pixels
+        pixels = _to_rgb(upright)
     except Exception as exc:
         text = _exc_text(exc)
         code = TRUNCATED if "truncat" in text.lower() else CORRUPT
@@ -122,8 +128,10 @@ def decode_image(
         return Failure(code, f"{fmt} data is {code}: {text}", width=width, height=height)
     if target is None:
         return DecodedImage(np.ascontiguousarray(pixels))
-    upright = (width, height) if _orientation(image) in _SWAPPING_ORIENTATIONS else (height, width)
-    return DecodedImage(_resized(pixels, target), size=upright)
+    if pixels.shape[:2] != target:  # other modes: converted to RGB first, then shrunk
+        pixels = np.asarray(_shrunk(Image.fromarray(pixels), target))
+    size = (width, height) if _orientation(image) in _SWAPPING_ORIENTATIONS else (height, width)
+    return DecodedImage(np.ascontiguousarray(pixels), size=size)
 
 
 def _orientation(image: Image.Image) -> int:
@@ -153,16 +161,15 @@ def _stored_order(image: Image.Image, target: tuple[int, int]) -> tuple[int, int
     return (h, w) if _orientation(image) in _SWAPPING_ORIENTATIONS else (w, h)
 
 
-def _resized(pixels: np.ndarray, target: tuple[int, int]) -> np.ndarray:
-    """``pixels`` shrunk to ``target`` ``(h, w)``: an integer box reduction first where the
-    image is at least twice as large, then bilinear (Pillow's, which filters over the
-    whole footprint of each output pixel)."""
+def _shrunk(image: Image.Image, target: tuple[int, int]) -> Image.Image:
+    """``image`` shrunk to ``target`` ``(h, w)``: an integer box reduction first where it is
+    at least twice as large, then bilinear (Pillow's, which filters over the whole footprint
+    of each output pixel)."""
     h, w = target
-    image = Image.fromarray(pixels)
     factor = min(image.width // w, image.height // h)
     if factor >= 2:
         image = image.reduce(factor)
-    return np.ascontiguousarray(np.asarray(image.resize((w, h), Image.Resampling.BILINEAR)))
+    return image.resize((w, h), Image.Resampling.BILINEAR)
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:
