@@ -19,7 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
-from segpipe.analytics.evaluation import evaluate, format_metrics, predictions
+from segpipe.analytics.evaluation import (
+    detection_results,
+    evaluate,
+    format_metrics,
+    predictions,
+)
 from segpipe.analytics.query import connect
 from segpipe.cli import main
 from segpipe.config import ModelConfig, RunConfig
@@ -30,7 +35,15 @@ from segpipe.core.tiny import ARCH
 from segpipe.core.weights import WeightsError, build_model, fingerprint_weights
 from segpipe.job.record import read_record
 from segpipe.job.runs import resolved
-from segpipe.tools.shapes import CATEGORIES, generate_image, write_dataset
+from segpipe.tools.shapes import (
+    CATEGORIES,
+    coco_annotation_entries,
+    coco_categories,
+    coco_image_entry,
+    generate,
+    generate_image,
+    write_dataset,
+)
 from tests.masks import full_masks
 
 HELD_OUT_SEED = 1
@@ -174,6 +187,34 @@ def test_a_large_image_is_found_in_full_resolution_coordinates() -> None:
         ys, xs = np.nonzero(truth)
         expected = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
         assert np.abs(boxes[best] - expected).max() <= 16, (boxes[best], expected)
+
+
+def test_decoding_at_the_model_scale_keeps_coco_ap() -> None:
+    """Held-out scenes drawn at 4x their size, as camera JPEGs: the model's COCO AP when they
+    are decoded at its scale is within 0.02 of decoding every pixel (the test-sized version
+    of jobs/photo_quality.py, whose figures are in the README)."""
+    segmenter = Segmenter(ModelConfig(weights="shapes", device="cpu"))
+    gt_categories = {name: i for i, name in enumerate(CATEGORIES, 1)}
+    images, annotations = [], []
+    results: dict[str, list[dict[str, Any]]] = {"fast": [], "full": []}
+    for image_id, image in enumerate(generate(HELD_OUT_SEED, 10, scale=4), 1):
+        images.append(coco_image_entry(image, image_id))
+        annotations.extend(coco_annotation_entries(image, image_id, len(annotations) + 1))
+        data = image.encoded("jpeg")
+        for path, fit in (("fast", (256, 448)), ("full", None)):
+            seen = decode_image(data, fit=fit)
+            assert isinstance(seen, DecodedImage)
+            assert (seen.height, seen.width) == image.pixels.shape[:2]
+            assert (seen.size is not None) == (fit is not None)
+            (det,) = segmenter([seen.pixels], [(seen.height, seen.width)])
+            results[path].extend(
+                detection_results(det, image_id, segmenter.categories, gt_categories)
+            )
+    gt = {"images": images, "annotations": annotations, "categories": coco_categories()}
+    fast, full = (evaluate(gt, results[path]).stats for path in ("fast", "full"))
+    for kind in ("bbox", "segm"):
+        assert full[kind]["AP"] > 0.6
+        assert abs(fast[kind]["AP"] - full[kind]["AP"]) <= 0.02, (kind, fast, full)
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
