@@ -433,6 +433,15 @@ class BenchConfig:
     # The model's levers, in both the bare model and the pipeline.
     precision: str = field(default="fp32", metadata=flag("autocast: fp32, bf16 or fp16"))
     channels_last: bool = field(default=False, metadata=flag("channels-last convolutions"))
+    # Everywhere the bench decodes (non-model stages, the bare model's input, the pipeline):
+    # by default at the model's scale, as `segpipe run` does; this is `run --full-resolution`.
+    full_resolution: bool = field(
+        default=False,
+        metadata=flag(
+            "decode the JPEGs in full and let the model resize them, as segpipe run "
+            "--full-resolution does (default: decode at the model's scale)"
+        ),
+    )
 
     def __post_init__(self) -> None:
         for name in ("width", "height", "batch_size", "detections", "images", "scale"):

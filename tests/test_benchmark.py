@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +62,35 @@ def test_levers_script_measures_each_lever(tmp_path: Path) -> None:
     assert any(name.startswith("batch 2 (") for name in names)
     assert all(v > 0 for v in figures["images_per_s"].values())
     assert figures["padded_share_mixed"] > 0.2 and figures["padded_share_ordered"] == 0
+
+
+def test_non_model_stages_hand_on_the_model_input() -> None:
+    """Decoded at the model's scale, a decode task hands on the model's input (3 x H x W at
+    the model's size), less than the full image; with full_resolution, the full image."""
+    from segpipe.core.decode import model_input_size
+    from segpipe.tools.benchmark import non_model_stages
+
+    cfg = BenchConfig(width=1200, height=900, detections=3, images=2)
+    files = list(jpeg_images(cfg, 2))
+    fit = (300, 500)
+    h, w = model_input_size(900, 1200, *fit)
+    full = 3 * 1200 * 900
+    fast = non_model_stages(cfg, files, fit)
+    assert fast.decoded_size == (h, w) and (h, w) == (300, 400)
+    assert fast.handed_bytes_per_image == 3 * h * w < full
+    assert fast.full_resolution_bytes_per_image == full
+    assert set(fast.ms_per_image) == {"decode", "encode", "write"}
+    slow = non_model_stages(replace(cfg, full_resolution=True), files, fit)
+    assert slow.decoded_size == (900, 1200)
+    assert slow.handed_bytes_per_image == slow.full_resolution_bytes_per_image == full
+
+
+def test_bench_model_runs_at_the_weights_sizes_without_enlarging() -> None:
+    """The bench's model: the weights' 800/1333, capped at the image's sides."""
+    from segpipe.tools.benchmark import decode_fit, model_config, model_sizes
+
+    assert model_sizes(BenchConfig()) == (480, 640)  # 640x480: run as it is
+    photo = BenchConfig(width=4000, height=3000)
+    assert model_sizes(photo) == (800, 1333) == decode_fit(photo)
+    assert (model_config(photo).min_size, model_config(photo).max_size) == (800, 1333)
+    assert decode_fit(BenchConfig(width=4000, height=3000, full_resolution=True)) is None

@@ -110,7 +110,7 @@ def _keep_geometry_float32(model: Any) -> None:
         head.register_forward_hook(outputs_float)
 
 
-def _frame(
+def output_frame(
     tensor: torch.Tensor, image_size: tuple[int, int], size: tuple[int, int]
 ) -> tuple[float, float]:
     """The extent of ``tensor`` (an image of ``image_size``, perhaps padded at its far edges)
@@ -164,7 +164,7 @@ class Segmenter:
         sizes = list(sizes) if sizes is not None else own
         tensors = [self.to_tensor(image) for image in images]
         frames = [
-            _frame(tensor, image_size, size)
+            output_frame(tensor, image_size, size)
             for tensor, image_size, size in zip(tensors, own, sizes, strict=True)
         ]
         return self.detect(tensors, sizes, frames)

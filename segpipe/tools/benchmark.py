@@ -4,14 +4,23 @@ One run measures, on the same generated JPEGs (``width`` x ``height``):
 
 1. **bare**: the model alone, batched, on tensors decoded beforehand and already on the
    device: ``Segmenter.detect``, what a model actor runs per batch (the model under the
-   configured precision, its masks as windows, results copied to the host), timed in
-   rounds over the images until at least 3 rounds and ``bare_seconds`` (20 s) are done; the
-   median round counts.
+   configured precision, its masks as windows at full resolution, results copied to the
+   host), timed in rounds over the images until at least 3 rounds and ``bare_seconds``
+   (20 s) are done; the median round counts. The images are decoded as a decode task
+   decodes them (at the model's scale unless ``full_resolution``) and detected as
+   ``Segmenter.__call__`` does, with their full-resolution sizes; only the conversion to a
+   float tensor on the device is left out of the timing.
 2. **pipeline**: ``segpipe run`` end to end, from the embedded S3 server (moto on loopback)
    to Parquet on it, Ray start-up included, and again over ``scale`` times more images.
 3. **non-model stages**: decode + encode + write in one process (one CPU core), with a
-   fixed set of ``detections`` full-image masks per image: the ceiling of everything but
-   the model, per core.
+   fixed set of ``detections`` masks per image at full resolution: the ceiling of
+   everything but the model, per core; and the bytes per image the decode step hands on to
+   the model (its pixels), next to the model's input and the full-resolution image.
+
+The bench's model runs at the weights' own input sizes (a checkpoint's recorded transform,
+else torchvision's 800/1333) but never enlarges: an image smaller than the model's input
+is run at its own size, so at the default 640x480 the model sees the JPEG's pixels as they
+are, and a 4000x3000 photo is decoded (and run) at 1066x800, as ``segpipe run`` does.
 
 The pipeline's fixed costs (Ray Data planning, starting the model actors and loading the
 model in them) don't grow with the input, so the pipeline runs twice in one Ray runtime
@@ -26,6 +35,7 @@ pipeline runs. Random weights (``none``) with ``score_threshold=0`` give exactly
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import tempfile
@@ -41,7 +51,7 @@ import psutil
 import pyarrow as pa
 
 from segpipe.config import BenchConfig, ModelConfig
-from segpipe.core.decode import DecodedImage, decode_image
+from segpipe.core.decode import DecodedImage, decode_image, model_input_size
 from segpipe.core.detections import Detections
 from segpipe.schema import image_id
 from segpipe.tools.samples import sample_image
@@ -75,6 +85,14 @@ class BenchResult:
     stage_ms_per_image: dict[str, float]
     peak_rss_mib: float
     pipeline: list[PipelineFigures] = field(default_factory=list)
+    # What a decode task hands on to a model actor, per image: the mean ``pixels.nbytes``;
+    # for reference, the model's input (3 x H x W at the model's size) and the full image
+    # (3 x width x height). ``decoded_size``: (h, w) of the pixels handed on (first image).
+    model_sizes: tuple[int, int] = (0, 0)  # the bench model's (min_size, max_size)
+    decoded_size: tuple[int, int] = (0, 0)
+    handed_bytes_per_image: float = 0.0
+    model_input_bytes_per_image: int = 0
+    full_resolution_bytes_per_image: int = 0
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,6 +112,15 @@ class BenchResult:
             f"non-model stages:  {self.non_model_images_per_s_per_core:8.1f} images/s per core",
             "per image: "
             + ", ".join(f"{k} {v:.2f} ms" for k, v in self.stage_ms_per_image.items()),
+            f"decode:            {1000 / self.stage_ms_per_image['decode']:8.1f} images/s per "
+            f"core, to {self.decoded_size[1]}x{self.decoded_size[0]} "
+            f"({'full resolution' if self.config['full_resolution'] else 'model scale'}; "
+            f"model {self.model_sizes[0]}/{self.model_sizes[1]})",
+            f"decode -> model:   {self.handed_bytes_per_image / 1e6:8.2f} MB per image "
+            f"(model input {self.model_input_bytes_per_image / 1e6:.2f} MB, full resolution "
+            f"{self.full_resolution_bytes_per_image / 1e6:.2f} MB: "
+            f"{self.full_resolution_bytes_per_image / max(1.0, self.handed_bytes_per_image):.1f}x "
+            "less)",
             f"peak RSS:          {self.peak_rss_mib:8.0f} MiB (largest process)",
             "end to end (same Ray runtime):",
         ]
@@ -141,18 +168,53 @@ def fixed_detections(cfg: BenchConfig) -> Detections:
     )
 
 
-def decoded(files: Sequence[tuple[str, bytes]]) -> list[np.ndarray]:
-    """The pixels of generated (always decodable) image files."""
+def decoded_images(
+    files: Sequence[tuple[str, bytes]], fit: tuple[int, int] | None = None
+) -> list[DecodedImage]:
+    """Generated (always decodable) image files decoded as a decode task does: with ``fit``
+    (the model's ``(min_size, max_size)``), a large image at the model's input size."""
     out = []
     for _, data in files:
-        image = decode_image(data)
+        image = decode_image(data, fit=fit)
         assert isinstance(image, DecodedImage)
-        out.append(image.pixels)
+        out.append(image)
     return out
 
 
-def bench_non_model(cfg: BenchConfig, files: list[tuple[str, bytes]]) -> dict[str, float]:
-    """Decode, encode and write in this process; milliseconds per image for each.
+def decoded(
+    files: Sequence[tuple[str, bytes]], fit: tuple[int, int] | None = None
+) -> list[np.ndarray]:
+    """The pixels of generated (always decodable) image files (see :func:`decoded_images`)."""
+    return [image.pixels for image in decoded_images(files, fit)]
+
+
+@dataclass
+class NonModelFigures:
+    """The non-model stages in one process (one core)."""
+
+    ms_per_image: dict[str, float]  # decode, encode, write
+    handed_bytes_per_image: float  # mean pixels.nbytes a decode task hands to the model
+    full_resolution_bytes_per_image: float  # mean 3 x width x height
+    decoded_size: tuple[int, int]  # (h, w) of the first image's pixels
+
+
+def bench_non_model(
+    cfg: BenchConfig, files: list[tuple[str, bytes]], fit: tuple[int, int] | None = None
+) -> dict[str, float]:
+    """Decode, encode and write in this process; milliseconds per image for each (see
+    :func:`non_model_stages`)."""
+    return non_model_stages(cfg, files, fit).ms_per_image
+
+
+def non_model_stages(
+    cfg: BenchConfig, files: list[tuple[str, bytes]], fit: tuple[int, int] | None = None
+) -> NonModelFigures:
+    """Decode, encode and write in this process: milliseconds per image for each, and what
+    the decode step hands on to the model.
+
+    ``fit``: the model's ``(min_size, max_size)``; decoding follows a decode task's (at the
+    model's scale, or in full when ``cfg.full_resolution`` or ``fit`` is None). The masks
+    are ``fixed_detections``, at full resolution, as the model actor returns them.
 
     Decoding and encoding go 16 images at a time, as a decode task and a model batch see
     them; the rows are then written as one unit, as a write task gets them (in a run, units
@@ -162,23 +224,31 @@ def bench_non_model(cfg: BenchConfig, files: list[tuple[str, bytes]]) -> dict[st
     from segpipe.job.stages import encode_rows, image_rows
     from segpipe.job.writer import write_rows
 
+    fit = None if cfg.full_resolution else fit
     det = fixed_detections(cfg)
     categories = ["__background__", "thing"]
     timings = {"decode": 0.0, "encode": 0.0, "write": 0.0}
+    handed, full = 0, 0
+    decoded_size = (0, 0)
     group = 16
     tables = []
     for start in range(0, len(files), group):
         chunk = files[start : start + group]
         t0 = time.perf_counter()
-        decoded = [decode_image(data) for _, data in chunk]
+        images = [decode_image(data, fit=fit) for _, data in chunk]
         t1 = time.perf_counter()
-        assert all(isinstance(d, DecodedImage) for d in decoded)
+        ok = [d for d in images if isinstance(d, DecodedImage)]
+        assert len(ok) == len(images)
+        if start == 0:
+            decoded_size = (int(ok[0].pixels.shape[0]), int(ok[0].pixels.shape[1]))
+        handed += sum(d.pixels.nbytes for d in ok)
+        full += sum(3 * d.width * d.height for d in ok)
         uris = [f"s3://bench/{name}" for name, _ in chunk]
         batch = {
             "uri": np.array(uris, dtype=object),
             "image_id": np.array([image_id(u) for u in uris], dtype=object),
-            "width": np.full(len(chunk), cfg.width, dtype=np.int32),
-            "height": np.full(len(chunk), cfg.height, dtype=np.int32),
+            "width": np.array([d.width for d in ok], dtype=np.int32),
+            "height": np.array([d.height for d in ok], dtype=np.int32),
             "error_code": np.array([""] * len(chunk), dtype=object),
             "error": np.array([""] * len(chunk), dtype=object),
         }
@@ -191,18 +261,32 @@ def bench_non_model(cfg: BenchConfig, files: list[tuple[str, bytes]]) -> dict[st
         t3 = time.perf_counter()
         write_rows(pa.concat_tables(tables), out, partition_by=["run_id"])
         timings["write"] += time.perf_counter() - t3
-    return {k: 1000 * v / len(files) for k, v in timings.items()}
+    return NonModelFigures(
+        ms_per_image={k: 1000 * v / len(files) for k, v in timings.items()},
+        handed_bytes_per_image=handed / len(files),
+        full_resolution_bytes_per_image=full / len(files),
+        decoded_size=decoded_size,
+    )
 
 
 def bench_bare(cfg: BenchConfig, files: list[tuple[str, bytes]]) -> tuple[float, str]:
-    """Images per second of the model alone, and the device it ran on."""
+    """Images per second of the model alone, and the device it ran on: on the pixels a
+    model actor gets (decoded at the model's scale unless ``full_resolution``), detected
+    with their full-resolution sizes, as ``Segmenter.__call__`` does."""
     import torch
 
     from segpipe.core.model import Segmenter
 
     segmenter = Segmenter(model_config(cfg))
-    images = decoded(files)
-    rate, out = detect_rate(segmenter, images, cfg.batch_size, cfg.bare_seconds, BARE_MIN_ROUNDS)
+    images = decoded_images(files, decode_fit(cfg))
+    rate, out = detect_rate(
+        segmenter,
+        [image.pixels for image in images],
+        cfg.batch_size,
+        cfg.bare_seconds,
+        BARE_MIN_ROUNDS,
+        sizes=[(image.height, image.width) for image in images],
+    )
     found = len(out[-1])
     if found != cfg.detections:
         print(f"bench: note: the model returned {found} detections, not {cfg.detections}")
@@ -219,35 +303,65 @@ def detect_rate(
     batch_size: int,
     min_seconds: float = 0.0,
     min_rounds: int = 1,
+    sizes: Sequence[tuple[int, int]] | None = None,
 ) -> tuple[float, list[Detections]]:
     """Images per second of ``segmenter.detect`` over ``images`` placed on its device
     beforehand, in batches of ``batch_size``, after one warm-up batch (allocator, cuDNN
     autotuning, lazy init): rounds over all images until ``min_rounds`` and ``min_seconds``
-    are both reached, the median round counted. Also the last batch's detections."""
-    from segpipe.core.model import synchronize
+    are both reached, the median round counted. Also the last batch's detections.
 
+    ``sizes``: the images' full-resolution ``(height, width)`` when they were decoded at the
+    model's scale (default: their own); the detections are in those coordinates, sizes and
+    frames passed to ``detect`` exactly as ``Segmenter.__call__`` passes them."""
+    from segpipe.core.model import output_frame, synchronize
+
+    own = [(int(image.shape[0]), int(image.shape[1])) for image in images]
+    full = list(sizes) if sizes is not None else own
     tensors = [segmenter.to_tensor(image) for image in images]
-    batches = [tensors[i : i + batch_size] for i in range(0, len(tensors), batch_size)]
-    out = segmenter.detect(batches[0])
+    frames = [output_frame(t, o, s) for t, o, s in zip(tensors, own, full, strict=True)]
+    batches = [
+        (tensors[i : i + batch_size], full[i : i + batch_size], frames[i : i + batch_size])
+        for i in range(0, len(tensors), batch_size)
+    ]
+    out = segmenter.detect(*batches[0])
     synchronize(segmenter.device)
     rounds: list[float] = []
     begun = time.perf_counter()
     while len(rounds) < min_rounds or time.perf_counter() - begun < min_seconds:
         started = time.perf_counter()
         for batch in batches:
-            out = segmenter.detect(batch)
+            out = segmenter.detect(*batch)
         synchronize(segmenter.device)
         rounds.append(time.perf_counter() - started)
     return len(tensors) / float(np.median(rounds)), out
 
 
+@functools.lru_cache(maxsize=8)  # a checkpoint is read to find its sizes
+def model_sizes(cfg: BenchConfig) -> tuple[int, int]:
+    """The bench model's ``(min_size, max_size)``: the weights' own (a checkpoint's
+    recorded transform, else 800/1333), each capped at the image's side, so that the model
+    never enlarges an image (its scale is min(1, the weights' scale)): a 640x480 image is
+    run at 640x480, a 4000x3000 one at 1066x800."""
+    from segpipe.core.weights import fingerprint_weights
+
+    found = fingerprint_weights(ModelConfig(arch=cfg.arch, weights=cfg.weights))
+    short, long = min(cfg.width, cfg.height), max(cfg.width, cfg.height)
+    return min(int(found["min_size"]), short), min(int(found["max_size"]), long)
+
+
+def decode_fit(cfg: BenchConfig) -> tuple[int, int] | None:
+    """The ``fit`` a decode task gets for the bench's model: None when ``full_resolution``."""
+    return None if cfg.full_resolution else model_sizes(cfg)
+
+
 def model_config(cfg: BenchConfig) -> ModelConfig:
+    min_size, max_size = model_sizes(cfg)
     return ModelConfig(
         arch=cfg.arch,
         weights=cfg.weights,
         device=cfg.device,
-        min_size=min(cfg.width, cfg.height),
-        max_size=max(cfg.width, cfg.height),
+        min_size=min_size,
+        max_size=max_size,
         score_threshold=0.0,
         max_detections=cfg.detections,
         precision=cfg.precision,
@@ -259,7 +373,7 @@ def bench_pipeline(cfg: BenchConfig, count: int, run: int) -> PipelineFigures:
     import fsspec
     import torch
 
-    from segpipe.config import RunConfig
+    from segpipe.config import DecodeConfig, RunConfig
     from segpipe.job.pipeline import run as run_pipeline
 
     fs = fsspec.filesystem("s3", skip_instance_cache=True)
@@ -271,6 +385,7 @@ def bench_pipeline(cfg: BenchConfig, count: int, run: int) -> PipelineFigures:
         output=f"s3://bench/out-{run}",
         run_id=f"bench-{run}",
         model=model_config(cfg),
+        decode=DecodeConfig(full_resolution=cfg.full_resolution),
         batch_size=cfg.batch_size,
         cpus_per_actor=cfg.cpus_per_actor,
         gpus_per_actor=cfg.gpus_per_actor or None,
@@ -298,7 +413,9 @@ def run_benchmark(cfg: BenchConfig) -> BenchResult:
     # The non-model stages are measured over at least NON_MODEL_IMAGES images (they cost a
     # few ms each), so that one write unit is not mostly its fixed commit cost.
     extra = list(jpeg_images(cfg, max(0, NON_MODEL_IMAGES - len(files))))
-    stage_ms = bench_non_model(cfg, files + [(f"x{name}", data) for name, data in extra])
+    sizes = model_sizes(cfg)
+    stages = non_model_stages(cfg, files + [(f"x{name}", data) for name, data in extra], sizes)
+    stage_ms = dict(stages.ms_per_image)
     bare, device = bench_bare(cfg, files)
     stage_ms["model (bare)"] = 1000 / bare
     from segpipe.job.pipeline import ray_runtime
@@ -312,8 +429,8 @@ def run_benchmark(cfg: BenchConfig) -> BenchResult:
         # A first, unmeasured run pays the once-per-runtime costs (worker processes,
         # imports), which would otherwise land on the first measured run only.
         bench_pipeline(cfg, min(cfg.images, 4), 0)
-        sizes = [cfg.images] + ([cfg.images * cfg.scale] if cfg.scale > 1 else [])
-        for k, count in enumerate(sizes, 1):
+        counts = [cfg.images] + ([cfg.images * cfg.scale] if cfg.scale > 1 else [])
+        for k, count in enumerate(counts, 1):
             figures.append(bench_pipeline(cfg, count, k))
     startup: float | None = None
     if len(figures) == 2:
@@ -323,6 +440,7 @@ def run_benchmark(cfg: BenchConfig) -> BenchResult:
     else:
         pipeline = figures[0].images_per_s
     peak = max(max(p.driver_peak_rss_mib, p.workers_peak_rss_mib) for p in figures)
+    model_h, model_w = model_input_size(cfg.height, cfg.width, *sizes)
     return BenchResult(
         device=device,
         config=asdict(cfg),
@@ -335,6 +453,11 @@ def run_benchmark(cfg: BenchConfig) -> BenchResult:
         stage_ms_per_image=stage_ms,
         peak_rss_mib=peak,
         pipeline=figures,
+        model_sizes=sizes,
+        decoded_size=stages.decoded_size,
+        handed_bytes_per_image=stages.handed_bytes_per_image,
+        model_input_bytes_per_image=3 * model_h * model_w,
+        full_resolution_bytes_per_image=round(stages.full_resolution_bytes_per_image),
     )
 
 
