@@ -5,7 +5,7 @@ Plan (Ray Data, streaming end to end; no step holds the whole dataset)::
     URIs (listing shards or manifest)                       read_parquet / read_csv / read_text
       -> prepare_manifest_batch                             tasks: rename, strip, drop blanks
       -> repartition(target_num_rows_per_block=load_batch)  small blocks, so decoding spreads
-      -> load_batch                                         CPU tasks: read bytes + decode
+      -> load_batch                                         CPU tasks: read, decode to model size
       -> Segment                                            actor pool: Mask R-CNN, GPU if any
       -> encode_rows                                        CPU tasks: mask windows -> COCO RLE
       -> _TablesSink                                        write tasks: Parquet, both tables
