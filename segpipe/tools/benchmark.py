@@ -243,15 +243,7 @@ def non_model_stages(
             decoded_size = (int(ok[0].pixels.shape[0]), int(ok[0].pixels.shape[1]))
         handed += sum(d.pixels.nbytes for d in ok)
         full += sum(3 * d.width * d.height for d in ok)
-        uris = [f"s3://bench/{name}" for name, _ in chunk]
-        batch = {
-            "uri": np.array(uris, dtype=object),
-            "image_id": np.array([image_id(u) for u in uris], dtype=object),
-            "width": np.array([d.width for d in ok], dtype=np.int32),
-            "height": np.array([d.height for d in ok], dtype=np.int32),
-            "error_code": np.array([""] * len(chunk), dtype=object),
-            "error": np.array([""] * len(chunk), dtype=object),
-        }
+        batch = _decoded_batch([name for name, _ in chunk], ok)
         windows = image_rows(batch, "bench", dict.fromkeys(range(len(chunk)), det), categories)
         tables.append(encode_rows(windows))  # in a run: the model actor, then encode tasks
         t2 = time.perf_counter()
@@ -267,6 +259,19 @@ def non_model_stages(
         full_resolution_bytes_per_image=full / len(files),
         decoded_size=decoded_size,
     )
+
+
+def _decoded_batch(names: list[str], images: list[DecodedImage]) -> dict[str, np.ndarray]:
+    """The columns a decode task hands on for these images (their pixels aside)."""
+    uris = [f"s3://bench/{name}" for name in names]
+    return {
+        "uri": np.array(uris, dtype=object),
+        "image_id": np.array([image_id(u) for u in uris], dtype=object),
+        "width": np.array([d.width for d in images], dtype=np.int32),
+        "height": np.array([d.height for d in images], dtype=np.int32),
+        "error_code": np.array([""] * len(images), dtype=object),
+        "error": np.array([""] * len(images), dtype=object),
+    }
 
 
 def bench_bare(cfg: BenchConfig, files: list[tuple[str, bytes]]) -> tuple[float, str]:
