@@ -52,7 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, help="what to do")
-    _run_flags(sub.add_parser("run", help="segment images into Parquet tables (Ray Data job)"))
+    _run_flags(
+        sub.add_parser(
+            "run",
+            help="segment images into Parquet tables (Ray Data job)",
+            epilog="exit status: 0 the run succeeded; 1 it ended failed (its record under "
+            "_runs/ says why; what it committed stays, and --resume finishes it); 2 an error "
+            "told in one line (bad settings, an output that cannot take the run)",
+        )
+    )
     _query_flags(sub.add_parser("query", help="run SQL over an output with DuckDB"))
     _eval_flags(sub.add_parser("eval", help="COCO box and mask AP of a run against annotations"))
     _export_flags(sub.add_parser("export", help="a run as COCO results (and dataset) JSON"))
@@ -243,10 +251,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    """0: the run succeeded. 1: it ran but ended failed without an images row for every
+    listed image (what it committed stays, ``--resume`` finishes it). Refusals and bad
+    settings are 2, in :func:`main`."""
     cfg = run_config(args)
     from segpipe.job.pipeline import run
+    from segpipe.job.runs import IncompleteRunError
 
-    summary = run(cfg)
+    try:
+        summary = run(cfg)
+    except IncompleteRunError as exc:
+        print(exc.summary.describe(), file=sys.stderr)
+        print(f"segpipe: error: {exc}", file=sys.stderr)
+        return 1
     print(summary.describe())
     return 0
 

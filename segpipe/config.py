@@ -32,6 +32,8 @@ PARTITION_COLUMNS = ("run_id", "label", "label_id", "status")
 INPUT_GROUP = "input (one of)"
 MODEL_GROUP = "model"
 SCALE_GROUP = "scale"
+# What one output Parquet file holds at most, as the Arrow size of its rows (RunConfig).
+MAX_FILE_BYTES = 512 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -349,11 +351,21 @@ class RunConfig:
     images_per_file: int = field(
         default=5000, metadata=flag("images (rows) per images file", group=SCALE_GROUP)
     )
+    # A unit whose rows take more is written as several files of that unit.
+    max_file_bytes: int = field(
+        default=MAX_FILE_BYTES,
+        metadata=flag(
+            "bytes of rows (Arrow size) per Parquet file; a larger unit is split between "
+            "images (default: 512 MiB)",
+            group=SCALE_GROUP,
+        ),
+    )
     # An existing run of the same id: finish it (skip committed images) or replace it.
     resume: bool = field(
         default=False,
         metadata=flag(
-            "finish an interrupted run of this --run-id: skip the images it committed",
+            "finish an interrupted run of this --run-id (without one: the output's only "
+            "unfinished run): skip the images it committed",
             exclusive="again",
         ),
     )
@@ -370,8 +382,8 @@ class RunConfig:
             raise ValueError("give either input URIs or a manifest, not both and not neither")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
-        if (self.resume or self.overwrite) and self.run_id is None:
-            raise ValueError("--resume and --overwrite need the --run-id of the run to act on")
+        if self.overwrite and self.run_id is None:
+            raise ValueError("--overwrite needs the --run-id of the run to replace")
         if not self.output:
             raise ValueError("an output URI is required")
         check_output_uri(self.output)
@@ -383,6 +395,8 @@ class RunConfig:
         for name in ("batch_size", "load_batch_size", "min_actors", "images_per_file"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_file_bytes < 1:
+            raise ValueError(f"max_file_bytes must be >= 1, got {self.max_file_bytes}")
         if self.max_actors is not None and self.max_actors < self.min_actors:
             raise ValueError(f"max_actors ({self.max_actors}) < min_actors ({self.min_actors})")
         if self.torch_threads is not None and self.torch_threads < 1:

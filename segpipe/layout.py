@@ -7,6 +7,7 @@
     <output>/_runs/<run_id>.json             the run record (config, versions, counts, timings)
     <output>/_runs/<run_id>.lease.json       the lease of the driver writing the run
     <output>/_runs/<run_id>.metrics.json     ``segpipe eval``'s COCO metrics of the run
+    <output>/_runs/<run_id>.actors/<actor>.json   a model actor's start-up times (timeline)
     <output>/_commits/<run_id>/<unit>.json   a unit's commit marker (its files and counts)
     <output>/_staging/<run_id>/<unit>/       a unit's files before they are published
     <output>/_listing/<run_id>/              the listed input URIs, as Parquet shards
@@ -47,6 +48,10 @@ def lease(base: str, run_id: str) -> str:
 
 def metrics(base: str, run_id: str) -> str:
     return _join(base, f"{RUNS_DIR}/{run_id}.metrics.json")
+
+
+def actor_timelines(base: str, run_id: str) -> str:
+    return _join(base, f"{RUNS_DIR}/{run_id}.actors")
 
 
 def commits(base: str, run_id: str) -> str:

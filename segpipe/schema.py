@@ -18,6 +18,10 @@ Conventions (the column contract; README.md "Output tables" says the same for SQ
   score, so ``(run_id, image_id, instance_id)`` is the key of ``instances``.
 - ``image_id`` is derived from the image URI alone (see :func:`image_id`), so it is the same in
   every run and joins runs of different models over the same images.
+
+Columns whose bytes grow with the masks (``mask_rle`` here, the packed windows of
+``core.encode.MASK_WINDOW_FIELDS``) are Arrow *large* types in memory, so that a unit of
+thousands of images never overflows Arrow's 32-bit offsets; the others are bounded per row.
 """
 
 from __future__ import annotations
@@ -80,7 +84,9 @@ INSTANCES_SCHEMA = pa.schema(
         pa.field("box_y0", pa.float32(), nullable=False),
         pa.field("box_x1", pa.float32(), nullable=False),
         pa.field("box_y1", pa.float32(), nullable=False),
-        pa.field("mask_rle", pa.string(), nullable=False),
+        # Large (64-bit offsets): a write unit's masks can pass the 2 GiB a string column
+        # with 32-bit offsets holds. Parquet stores it as any string; SQL engines read VARCHAR.
+        pa.field("mask_rle", pa.large_string(), nullable=False),
         pa.field("mask_area", pa.int64(), nullable=False),
         pa.field("image_width", pa.int32(), nullable=False),
         pa.field("image_height", pa.int32(), nullable=False),

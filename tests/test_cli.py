@@ -141,3 +141,12 @@ def test_bench_help_lists_help_text(
     for f in dataclasses.fields(BenchConfig):
         flag, text = f"--{f.name.replace('_', '-')}", f.metadata["flag"].help
         assert re.search(rf"{flag}( [A-Z_]+)? {re.escape(text)}", out), (flag, out)
+
+
+def test_run_summary_names_dropped_duplicates() -> None:
+    from segpipe.job.runs import RunSummary
+
+    summary = RunSummary("r", "/out", 24, 23, 1, 40, 2, duplicates=0, seconds=2.0)
+    assert "duplicate" not in summary.describe()
+    line = dataclasses.replace(summary, duplicates=3).describe()
+    assert "24 images (23 ok, 1 error), 3 duplicate input rows dropped, 40 instances" in line

@@ -14,6 +14,7 @@ from pycocotools import mask as mask_utils
 from segpipe.core.detections import Detections
 from segpipe.core.encode import decode_mask, encode_detections, encode_window
 from segpipe.core.rows import ImageRecord, ImageRef, images_table
+from segpipe.job.stages import encode_rows, image_rows, split_tables
 from segpipe.schema import IMAGES_SCHEMA, INSTANCES_SCHEMA, Failure, image_id
 from tests.masks import detections_from_full_masks, instances_rows
 
@@ -158,6 +159,54 @@ def test_parquet_read_back_through_duckdb(tmp_path: Path) -> None:
     for (_, _, rle, area, h, w), original in zip(rows, masks, strict=True):
         np.testing.assert_array_equal(decode_mask(rle, h, w), original)
         assert area == original.sum()
+
+
+def unit_rows(seed: int) -> pa.Table:
+    """Per-image rows of one image with three detections, as the model actors emit them."""
+    uri = f"file:///unit{seed}.png"
+    batch = {
+        "uri": np.array([uri], dtype=object),
+        "image_id": np.array([image_id(uri)], dtype=object),
+        "width": np.array([30], dtype=np.int32),
+        "height": np.array([20], dtype=np.int32),
+        "status": np.array(["ok"], dtype=object),
+        "error_code": np.array([""], dtype=object),
+        "error": np.array([""], dtype=object),
+    }
+    det = detections(random_masks(3, 20, 30, seed=seed), [0.9, 0.5, 0.2], [1, 2, 3])
+    return image_rows(batch, "run1", {0: det}, CATEGORIES)
+
+
+def offsets64(array: pa.Array) -> np.ndarray:
+    """The offsets of a string or binary array, its offsets buffer read as int64."""
+    values = np.frombuffer(array.buffers()[1], dtype=np.int64)
+    return values[array.offset : array.offset + len(array) + 1]
+
+
+def test_masks_have_64_bit_offsets_in_memory() -> None:
+    """The packed windows and the RLE strings are Arrow large types (int64 offsets) wherever
+    a unit's rows are held, so a unit's masks can pass 2 GiB in one array."""
+    windowed = unit_rows(0)
+    bits = windowed.column("instances").combine_chunks().flatten().field("mask_bits")
+    assert bits.type == pa.large_binary()
+    assert np.diff(offsets64(bits)).tolist() == [len(b) for b in bits.to_pylist()]
+    encoded = [encode_rows(unit_rows(seed)) for seed in (0, 1)]
+    for rows in encoded:
+        assert rows.column("instances").type.value_type.field("mask_rle").type == pa.large_string()
+    # The write sink concatenates its blocks, then splits them into the two tables.
+    _, instances = split_tables(pa.concat_tables(encoded))
+    assert instances.schema == INSTANCES_SCHEMA and instances.num_rows == 6
+    rle = instances.column("mask_rle").combine_chunks()
+    assert rle.type == pa.large_string()
+    assert np.diff(offsets64(rle)).tolist() == [len(s) for s in rle.to_pylist()]
+    # Instances tables of two units, concatenated and combined.
+    both = pa.concat_tables([split_tables(rows)[1] for rows in encoded]).combine_chunks()
+    (chunk,) = both.column("mask_rle").chunks
+    assert chunk.type == pa.large_string() and chunk.equals(rle)
+    assert np.diff(offsets64(chunk)).tolist() == [len(s) for s in chunk.to_pylist()]
+    masks = random_masks(3, 20, 30, seed=0)
+    for counts, original in zip(chunk.to_pylist()[:3], masks, strict=True):
+        np.testing.assert_array_equal(decode_mask(counts, 20, 30), original)
 
 
 def test_encoding_from_windows_equals_pycocotools_on_whole_masks() -> None:

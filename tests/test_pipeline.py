@@ -118,6 +118,14 @@ def test_local_folder_end_to_end(ray_local: None, tmp_path: Path, random_checkpo
     assert record["counts"]["images"] == 5 and record["listed_images"] == 5
     assert record["weights"]["sha256"] == sha256_hex(random_checkpoint.read_bytes())
     assert record["versions"]["torch"] and record["seconds"] > 0
+    # The start-up timeline: the driver's steps and the model actors', in seconds
+    # since the driver process started; the summary's steady rate starts at the first batch.
+    marks = record["timeline"]
+    steps = ["prepare", "checked", "leased", "listed", "ray_started", "plan_started"]
+    steps += ["actor_started", "model_loaded", "first_batch_in", "first_batch_out", "finished"]
+    assert sorted(steps, key=marks.__getitem__) == steps and record["timeline_actors"] >= 1
+    assert summary.startup_s == marks["first_batch_out"] and summary.steady_images_per_s
+    assert "start-up" in summary.describe()
 
     # The same run id again, or an unnamed run into a used output: refused before any work.
     with pytest.raises(OutputError, match="already exists"):

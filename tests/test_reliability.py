@@ -28,6 +28,7 @@ import fsspec
 import numpy as np
 import psutil
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from segpipe import layout
@@ -35,8 +36,10 @@ from segpipe.analytics.query import connect
 from segpipe.cli import main
 from segpipe.config import ModelConfig, RunConfig
 from segpipe.io import atomic_write
+from segpipe.job import runs
 from segpipe.job.commit import Unit, recover, units
 from segpipe.job.pipeline import run
+from segpipe.job.record import read_record, write_record
 from segpipe.job.runs import OutputError
 from segpipe.job.stages import image_rows
 from segpipe.job.writer import write_rows
@@ -324,6 +327,58 @@ def test_a_killed_model_actor_costs_nothing(
     assert len(list(units(str(output), "k"))) <= 3  # 24 images, >= 8 a unit
 
 
+def test_a_run_short_of_its_listing_fails_and_resume_finishes_it(
+    ray_local: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Listed 5, wrote 3: the run ends failed (exit 1, the record says so, the 3 rows stay
+    committed); once the cause is gone a --resume, here without --run-id, writes the rest."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(5):
+        sample_image(i, (64, 48)).save(inputs / f"img{i}.png")
+    output = tmp_path / "out"
+    model = ModelConfig(weights="shapes", device="cpu")
+    cfg = RunConfig(output=str(output), inputs=(str(inputs),), run_id="short", model=model)
+    # A driver that listed the inputs and stopped before the plan ran: its record says
+    # running and its listing says 5 images. Then a listing shard loses two rows (the real
+    # cause could be a shard the job could not read, or one damaged after the listing).
+    attempt = runs.prepare(cfg)
+    runs.begin(attempt)
+    assert attempt.listed == 5
+    (shard,) = (output / layout.listing("", "short")).glob("*.parquet")
+    whole = shard.read_bytes()
+    pq.write_table(pq.read_table(shard).slice(0, 3), shard)
+
+    flags = [
+        "--input", str(inputs), "--output", str(output), "--resume", "--weights", "shapes",
+        "--device", "cpu", "--batch-size", "2", "--images-per-file", "2",
+    ]  # fmt: skip
+    code, err = run_cli(capsys, *flags)
+    assert code == 1, err
+    assert "run short failed: listed 5 images, wrote 3 images rows and dropped 0 " in err
+    assert "2 missing" in err and "--resume --run-id short" in err
+    assert "run short: 3 images (3 ok, 0 error)" in err  # the summary, on stderr
+    assert "Traceback" not in err
+    record = read_record(str(output), "short")
+    assert record["status"] == "failed" and record["attempts"] == 2
+    assert "listed 5 images, wrote 3 images rows" in record["error"]
+    assert record["counts"]["images"] == 3 and record["finished_at"]
+    con = connect(str(output))
+    assert con.execute("SELECT count(*), count(DISTINCT uri) FROM images").fetchone() == (3, 3)
+
+    # The shard whole again: the failed run is the output's only unfinished one, and a
+    # --resume without --run-id finishes it, writing only the two missing images.
+    shard.write_bytes(whole)
+    code, err = run_cli(capsys, *flags)
+    assert code == 0, err
+    record = read_record(str(output), "short")
+    assert record["status"] == "succeeded" and record["attempts"] == 3
+    assert record["counts"]["images"] == 5 and record["resumed_from"]["images"] == 3
+    assert "error" not in record
+    con = connect(str(output))
+    assert con.execute("SELECT count(*), count(DISTINCT uri) FROM images").fetchone() == (5, 5)
+
+
 # --- The commit protocol, step by step (no Ray) ---
 
 
@@ -444,7 +499,7 @@ def test_bad_configuration_fails_fast(
             [*base, "--output", str(tmp_path / "o1"), "--arch", "maskrcnn_resnet50_fpn_v2"],
             "does not fit maskrcnn_resnet50_fpn_v2",
         ),
-        ([*base, "--output", str(tmp_path / "o2"), "--resume"], "need the --run-id"),
+        ([*base, "--output", str(tmp_path / "o2"), "--resume"], "no unfinished run"),
         ([*base, "--output", "s3://k:s3cr3t@bucket/out"], "must not hold credentials"),
     ]
     manifest = tmp_path / "bad.parquet"
@@ -502,7 +557,7 @@ def test_commit_refuses_a_unit_whose_staging_was_discarded(tmp_path: Path) -> No
 
 def test_overwrite_and_resume_guard_the_old_run(tmp_path: Path, random_checkpoint: Path) -> None:
     from segpipe.core.weights import fingerprint_weights
-    from segpipe.job.record import public_config, read_record, write_record
+    from segpipe.job.record import public_config
 
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -514,6 +569,14 @@ def test_overwrite_and_resume_guard_the_old_run(tmp_path: Path, random_checkpoin
     record = {"run_id": "g", "status": "failed", "attempts": 1, "config": public_config(cfg)}
     write_record(str(output), "g", {**record, "weights": fingerprint_weights(model)})
     files = table_files(output)
+
+    # --resume without a run id takes the output's only unfinished run: g, failed. A run that
+    # ended and the metrics file beside a run's record are no candidates.
+    ended = {"run_id": "done", "status": "succeeded", "started_at": "2024-01-01T00:00:00+00:00"}
+    write_record(str(output), "done", ended)
+    (output / layout.metrics("", "g")).write_text(json.dumps({"run_id": "g"}))
+    unnamed = replace(cfg, run_id=None, resume=True)
+    assert runs.prepare(unnamed).run_id == "g"
 
     # A wrong input under --overwrite fails before anything of the old run is deleted.
     with pytest.raises(ValueError, match="input not found"):
@@ -530,6 +593,19 @@ def test_overwrite_and_resume_guard_the_old_run(tmp_path: Path, random_checkpoin
     write_record(str(output), "g", {**read_record(str(output), "g"), "status": "deleting"})
     with pytest.raises(OutputError, match="pass --overwrite again"):
         run(replace(cfg, resume=True))
+
+    # No unfinished run left (g is being replaced), then two: the error says so, lists the
+    # candidates and asks for --run-id.
+    with pytest.raises(OutputError, match=r"no unfinished run .* among its 2 run records"):
+        runs.prepare(unnamed)
+    write_record(str(output), "g", {**record, "started_at": "2024-02-01T10:00:00+00:00"})
+    write_record(str(output), "h", {**record, "run_id": "h", "status": "running"})
+    with pytest.raises(OutputError, match="pass --run-id NAME") as refused:
+        runs.prepare(unnamed)
+    assert "2 unfinished runs: g (failed, started 2024-02-01T10:00:00+00:00); " in str(
+        refused.value
+    )
+    assert "h (running, started ?)" in str(refused.value)
 
 
 def test_transient_faults_are_told_from_answers() -> None:

@@ -107,6 +107,35 @@ def test_both_engines_prune_partitions(duck: duckdb.DuckDBPyConnection, spark: A
     assert re.search(rf"PartitionFilters: \[.*\(run_id#\d+ = {RUNS[0]}\)", executed), executed
 
 
+def test_both_engines_take_lookups_by_image_id_to_the_parquet_reader(
+    duck: duckdb.DuckDBPyConnection, spark: Any
+) -> None:
+    """``mask_rle``, an Arrow large string in memory, is a plain string to both engines; and
+    both hand ``image_id = ...`` to their Parquet reader, which skips row groups by their
+    statistics (tests/test_lookups.py measures DuckDB doing it on files of many groups)."""
+    types = {row[0]: row[1] for row in duck.execute("DESCRIBE instances").fetchall()}
+    assert types["mask_rle"] == "VARCHAR"
+    ((wanted,),) = duck.execute("SELECT max(image_id) FROM instances").fetchall()
+    sql = f"SELECT image_id, instance_id, mask_rle FROM instances WHERE image_id = '{wanted}'"
+    ours = duck.execute(sql).fetchall()
+    frame = spark.sql(sql)
+    assert dict(frame.dtypes)["mask_rle"] == "string"
+    assert sorted(tuple(r) for r in frame.collect()) == sorted(ours) and ours
+    plan = duck.execute(f"EXPLAIN ANALYZE {sql}").fetchall()[0][1]
+    assert f"image_id = '{wanted}'" in plan.split("Filters:", 1)[1]  # in the Parquet scan
+    executed = frame._jdf.queryExecution().executedPlan().toString()
+    assert re.search(rf"PushedFilters: \[.*EqualTo\(image_id,{wanted}\)", executed), executed
+    # A lookup by URI goes through its image_id, computed in SQL (schema.image_id).
+    uris = duck.execute("SELECT DISTINCT uri FROM images WHERE image_id = ?", [wanted])
+    ((uri,),) = uris.fetchall()
+    by_uri = "SELECT image_id, instance_id, mask_rle FROM instances WHERE image_id = {}"
+    ours_by_uri = duck.execute(by_uri.format(f"left(sha256('{uri}'), 32)")).fetchall()
+    frame = spark.sql(by_uri.format(f"substr(sha2('{uri}', 256), 1, 32)"))
+    assert sorted(ours_by_uri) == sorted(tuple(r) for r in frame.collect()) == sorted(ours)
+    executed = frame._jdf.queryExecution().executedPlan().toString()
+    assert re.search(rf"PushedFilters: \[.*EqualTo\(image_id,{wanted}\)", executed), executed
+
+
 def test_spark_ddl_reads_the_same_rows(
     output: str, duck: duckdb.DuckDBPyConnection, spark: Any
 ) -> None:

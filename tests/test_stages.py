@@ -16,13 +16,17 @@ from segpipe.core.detections import Detections
 from segpipe.core.encode import decode_mask
 from segpipe.core.model import Segmenter
 from segpipe.core.rows import ImageRef
+from segpipe.job.inputs import COPIES_COLUMN, EXTRAS_COLUMN, prepare_manifest_batch
 from segpipe.job.stages import (
     INSTANCE_STRUCT,
     Segment,
+    distinct_images,
     encode_rows,
     image_rows,
     load_batch,
     split_tables,
+    take_copies,
+    with_image_ids,
 )
 from segpipe.job.writer import write_table
 from segpipe.schema import IMAGES_SCHEMA, INSTANCES_SCHEMA, image_id
@@ -223,3 +227,71 @@ def test_decode_task_memory_follows_the_model_input() -> None:
     assert fast == 16 * (3 * 800 * 1333 + ENCODED_BYTES_PER_IMAGE) + 2 * 3 * 24_000_000
     full = load_batch_memory(16, DecodeConfig(max_pixels=24_000_000, full_resolution=True), None)
     assert full == 16 * (3 * 24_000_000 + ENCODED_BYTES_PER_IMAGE) > 4 * fast
+
+
+def manifest_rows(extras: pa.Table, uris: list[str]) -> pa.Table:
+    """Input rows as the job's first steps make them from a manifest's batch."""
+    batch = extras.add_column(0, "uri", [uris])
+    return with_image_ids(prepare_manifest_batch(batch, "uri", extras.schema))
+
+
+def test_manifest_columns_come_back_with_their_types() -> None:
+    """Extra columns packed at the read, carried through numpy batches as Ray gives them to
+    load_batch, come out of image_rows with the manifest's types, nulls as nulls, in batches
+    where a column is all null too (Ray's own conversion would give float64 with NaN for
+    the ints, drop the time zone, and null-typed columns)."""
+    import datetime as dt
+
+    n = 8
+    extras = pa.table(
+        {
+            "n": pa.array([None if i % 3 == 0 else 2**60 + i for i in range(n)], pa.int64()),
+            "at": pa.array(
+                [None if i < 2 else dt.datetime(2024, 1, 1, i, tzinfo=dt.UTC) for i in range(n)],
+                pa.timestamp("ms", tz="America/New_York"),
+            ),
+            "note": pa.array([None if i < 4 else f"note {i}" for i in range(n)]),
+        }
+    )
+    uris = [f"  /nowhere/{i}.png " if i else "" for i in range(n)]  # one blank: dropped
+    rows = distinct_images(manifest_rows(extras, uris))
+    assert rows.num_rows == n - 1 and rows.column(EXTRAS_COLUMN).type == pa.binary()
+    numpy_batch = {
+        name: rows.column(name).to_numpy(zero_copy_only=False) for name in rows.column_names
+    }
+    loaded = load_batch(numpy_batch, DecodeConfig())
+    tables = []
+    for start in range(0, n - 1, 2):  # batches of two: "note" is all null in the first two
+        batch = {k: v[start : start + 2] for k, v in loaded.items()}
+        table = image_rows(batch, "r", {}, ["__background__"], extras=extras.schema)
+        assert table.select(extras.column_names).schema == extras.schema
+        tables.append(table)
+    got = pa.concat_tables(tables).sort_by("uri")
+    want = extras.slice(1).add_column(0, "uri", [[f"file:///nowhere/{i}.png" for i in range(1, n)]])
+    assert got.select(["uri", *extras.column_names]).to_pylist() == want.sort_by("uri").to_pylist()
+    assert EXTRAS_COLUMN not in got.column_names
+    with pytest.raises(ValueError, match="schema"):
+        image_rows(batch, "r", {}, ["__background__"])
+
+
+def test_distinct_images_keeps_one_row_per_image_whatever_the_order() -> None:
+    extras = pa.table({"camera": ["b", "a", "c", "d", "e", "a"]})
+    uris = ["/x/1.png", "/x/1.png", "file:///x/1.png", "/x/2.png", "/x/3.png", "/x/3.png"]
+    rows = manifest_rows(extras, uris)
+    rng = np.random.default_rng(0)
+    results = [
+        distinct_images(rows.take(pa.array(rng.permutation(rows.num_rows)))).sort_by("uri")
+        for _ in range(5)
+    ]
+    assert all(r.equals(results[0]) for r in results)
+    kept = results[0]
+    assert kept.column("uri").to_pylist() == ["/x/1.png", "/x/2.png", "/x/3.png"]
+    assert kept.column(COPIES_COLUMN).to_pylist() == [3, 1, 2]
+    # Of equal URIs as written, the first by the extra values: camera "a" for both.
+    assert kept.column(EXTRAS_COLUMN)[0] == rows.column(EXTRAS_COLUMN)[1]
+    assert kept.column(EXTRAS_COLUMN)[2] == rows.column(EXTRAS_COLUMN)[5]
+    dropped, duplicates = take_copies(kept)
+    assert duplicates == 3 and COPIES_COLUMN not in dropped.column_names
+    assert take_copies(dropped) == (dropped, 0)
+    empty = distinct_images(rows.slice(0, 0))
+    assert empty.num_rows == 0 and empty.column(COPIES_COLUMN).type == pa.int32()

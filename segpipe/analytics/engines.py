@@ -65,8 +65,13 @@ def ddl(
     types = _TYPES[engine]
     folder = layout.table(location, table)
     parts = [c for c in partition_by if c in schema.names]
-    columns = [(f.name, types[f.type]) for f in schema if f.name not in parts]
+    columns = [(f.name, types[_stored(f.type)]) for f in schema if f.name not in parts]
     return _STATEMENTS[engine](name or table, folder, columns, parts)
+
+
+def _stored(kind: pa.DataType) -> pa.DataType:
+    """The type as Parquet stores it: a large string (64-bit offsets in memory) is a string."""
+    return pa.string() if pa.types.is_large_string(kind) else kind
 
 
 def _athena(name: str, folder: str, columns: _Columns, parts: Sequence[str]) -> str:

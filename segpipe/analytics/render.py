@@ -16,7 +16,8 @@ import colorsys
 import hashlib
 import html
 import io
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,13 +94,9 @@ def render(
     fs, root = fs_root(to)
     fs.makedirs(root, exist_ok=True)
     drawn: list[Rendered] = []
-    for image_id, uri in picked:
-        sql = (
-            "SELECT label, score, box_x0, box_y0, box_x1, box_y1, mask_rle, image_height, "
-            f"image_width FROM instances WHERE run_id = ? AND image_id = ? AND {condition} "
-            "ORDER BY score"
-        )
-        rows = list(iter_rows(con, sql, [run_id, image_id, *condition_params]))
+    ids = [image_id for image_id, _ in picked]
+    by_image = _instances_by_image(con, run_id, ids, condition, condition_params)
+    for (image_id, uri), rows in zip(picked, by_image, strict=True):
         item, png = _draw(image_id, uri, rows)
         if png is not None:
             fs.pipe_file(f"{root}/{image_id}.png", png)
@@ -133,6 +130,42 @@ def _pick_images(
         ).fetchall()
     except duckdb.Error as exc:
         raise ValueError(f"bad --where {where!r}: {exc}") from exc
+
+
+def _instances_by_image(
+    con: duckdb.DuckDBPyConnection,
+    run_id: str,
+    image_ids: Sequence[str],
+    condition: str,
+    params: Sequence[object],
+) -> Iterator[list[tuple[Any, ...]]]:
+    """The instances to draw of each of ``image_ids`` (in DuckDB's ``ORDER BY image_id``
+    order), in that order, read by one query: each image's rows (``label, score, box_x0,
+    box_y0, box_x1, box_y1, mask_rle, image_height, image_width``, by ascending score). The
+    files are sorted by ``image_id`` in row groups with min/max statistics, so the ``IN``
+    list lets DuckDB read only the row groups that hold these images; rows stream, one
+    image's at a time."""
+    if not image_ids:
+        return
+    marks = ", ".join("?" * len(image_ids))
+    sql = (
+        "SELECT image_id, label, score, box_x0, box_y0, box_x1, box_y1, mask_rle, image_height, "
+        f"image_width FROM instances WHERE run_id = ? AND image_id IN ({marks}) AND {condition} "
+        "ORDER BY image_id, score"
+    )
+    rows = iter_rows(con, sql, [run_id, *image_ids, *params])
+    try:
+        groups = itertools.groupby(rows, key=lambda row: str(row[0]))
+        group = next(groups, None)
+        for image_id in image_ids:
+            found: list[tuple[Any, ...]] = []
+            if group is not None and group[0] == image_id:
+                found = [row[1:] for row in group[1]]
+                group = next(groups, None)
+            yield found
+    finally:
+        for _ in rows:  # the connection takes no other query before its result is read out
+            pass
 
 
 def _draw(

@@ -71,7 +71,8 @@ MASK_WINDOW_FIELDS = [
     pa.field("mask_y", pa.int32(), nullable=False),
     pa.field("mask_w", pa.int32(), nullable=False),
     pa.field("mask_h", pa.int32(), nullable=False),
-    pa.field("mask_bits", pa.binary(), nullable=False),
+    # Large (64-bit offsets): full-resolution windows of a batch of photos can pass 2 GiB.
+    pa.field("mask_bits", pa.large_binary(), nullable=False),
 ]
 _WINDOW_NAMES = [f.name for f in MASK_WINDOW_FIELDS]
 
@@ -94,4 +95,4 @@ def encode_windows(
             window, int(xs[k]), int(ys[k]), int(heights[k]), int(widths[k])
         )
         counts.append(rle)
-    return pa.array(counts, type=pa.string()), pa.array(areas, type=pa.int64())
+    return pa.array(counts, type=pa.large_string()), pa.array(areas, type=pa.int64())

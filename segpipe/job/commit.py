@@ -7,7 +7,7 @@ keeps that first commit instead of writing again.
 
 Steps, for unit ``S`` of run ``R`` under ``<output>``::
 
-    1. stage    <output>/_staging/R/S/{images,instances}/<partition dirs>/S-0.parquet
+    1. stage    <output>/_staging/R/S/{images,instances}/<partition dirs>/S-<k>-0.parquet
     2. commit   <output>/_commits/R/S.json       (the files and counts; one atomic PUT)
     3. publish  move each staged images file to <output>/images/..., then the instances files
     4. clean    delete <output>/_staging/R/S/
@@ -48,6 +48,9 @@ class WriteCounts:
     images_error: int = 0
     instances: int = 0
     files: int = 0
+    # Input rows dropped because another row named the same image (same image_id): a
+    # manifest that repeats a URI, or overlapping --input prefixes. Not images rows.
+    duplicates: int = 0
 
     def __add__(self, other: WriteCounts) -> WriteCounts:
         return WriteCounts(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))

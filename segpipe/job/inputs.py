@@ -3,17 +3,26 @@
 Listings are streamed into Parquet shards under the output (``_listing/<run_id>/``) so that
 the job reads them like a manifest and the driver never holds all URIs at once (memory is
 bounded by one directory's listing). Manifests are read by the cluster, not the driver; here
-they are only checked (format, URI column, clashing columns) so a bad one fails fast.
+they are only checked (format, URI column, clashing columns) so a bad one fails fast, and
+their column types are read once (:func:`manifest_schema`).
+
+A manifest's extra columns reach the ``images`` table with the manifest's own Arrow types.
+Between the read and the model they travel packed in one binary column,
+:data:`EXTRAS_COLUMN` (:func:`pack_extras`), because Ray Data's numpy batches would re-type
+them batch by batch (an int64 column with nulls becomes float64 with NaN, a timestamp loses
+its time zone, a column that is null throughout a batch loses its type);
+:func:`unpack_extras` restores them with the declared types where the images rows are built.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Iterable, Iterator, Sequence
 
 import fsspec
-import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -23,6 +32,17 @@ from segpipe.schema import IMAGES_SCHEMA
 
 LISTING_SHARD_ROWS = 100_000
 _GLOB_CHARS = ("*", "?", "[")
+
+# Columns the job adds to the input rows before the model; a manifest may not use the names.
+# EXTRAS_COLUMN: a row's extra manifest values, pickled (see pack_extras). COPIES_COLUMN: how
+# many input rows named the row's image (1 unless the input repeats it; see
+# stages.distinct_images), dropped at the write, where the copies beyond the first are
+# counted as duplicates.
+EXTRAS_COLUMN = "_segpipe_extras"
+COPIES_COLUMN = "_segpipe_copies"
+# Pickle protocol of the packed values: fixed, so that equal values pack to equal bytes on
+# every worker (the choice among duplicate rows compares them).
+_PICKLE_PROTOCOL = 5
 
 
 class InputError(ValueError):
@@ -119,8 +139,17 @@ def manifest_format(uri: str) -> str:
     return "text"
 
 
-def check_manifest(uri: str, uri_column: str) -> list[str]:
-    """Validate a manifest before any cluster work; returns the extra columns it carries."""
+def manifest_schema(uri: str) -> pa.Schema | None:
+    """The manifest's columns with the types the job reads them with; None for a text
+    manifest (one URI a line, no other columns).
+
+    Parquet: the file's own schema. CSV: the types pyarrow infers from the start of the file
+    (its first block, 1 MiB), a column empty there taken as a string; the job passes them to
+    the CSV reader (:func:`csv_convert_options`) so that every block of the file is read
+    with them: a later value that does not parse as its column's type fails the read, naming
+    the column, rather than giving blocks of different types. Raises InputError when the
+    manifest is missing or unreadable.
+    """
     fs, path = fsspec.core.url_to_fs(uri)
     if not fs.exists(path):
         raise InputError(f"manifest not found: {redact(uri)}")
@@ -128,24 +157,49 @@ def check_manifest(uri: str, uri_column: str) -> list[str]:
     try:
         if kind == "parquet":
             with fs.open(path, "rb") as f:
-                names = pq.read_schema(f).names
-        elif kind == "csv":
+                return pq.read_schema(f).remove_metadata()
+        if kind == "csv":
             with fs.open(path, "rb", compression="infer") as f:
-                reader = pacsv.open_csv(f)
-                names = reader.schema.names
-        else:
-            return []
+                inferred = pacsv.open_csv(f).schema
+            return pa.schema(
+                pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in inferred
+            )
     except Exception as exc:
         raise InputError(
             f"cannot read {kind} manifest {redact(uri)}: {type(exc).__name__}: {exc}"
         ) from exc
+    return None
+
+
+def extras_schema(schema: pa.Schema | None, uri_column: str) -> pa.Schema:
+    """The extra columns of a manifest of ``schema`` (all but the URI column), in order."""
+    if schema is None:
+        return pa.schema([])
+    return pa.schema([f for f in schema if f.name != uri_column])
+
+
+def csv_convert_options(schema: pa.Schema, uri_column: str) -> pacsv.ConvertOptions:
+    """Convert options that read every block of a CSV manifest with ``schema``'s types (the
+    URI column as text, whatever it looks like)."""
+    types = {f.name: f.type for f in schema}
+    types[uri_column] = pa.string()
+    return pacsv.ConvertOptions(column_types=types)
+
+
+def check_manifest(uri: str, uri_column: str) -> list[str]:
+    """Validate a manifest before any cluster work; returns the extra columns it carries."""
+    schema = manifest_schema(uri)
+    if schema is None:
+        return []
+    names = schema.names
     if uri_column not in names:
         raise InputError(
             f"manifest {redact(uri)} has no {uri_column!r} column (it has {names}); "
             "name the URI column with --uri-column"
         )
     extras = [n for n in names if n != uri_column]
-    clashes = [n for n in extras if n in IMAGES_SCHEMA.names or n in PARTITION_COLUMNS]
+    reserved = (*IMAGES_SCHEMA.names, *PARTITION_COLUMNS, EXTRAS_COLUMN, COPIES_COLUMN)
+    clashes = [n for n in extras if n in reserved]
     if clashes:
         raise InputError(
             f"manifest columns {clashes} clash with output or partition columns of the images "
@@ -154,11 +208,46 @@ def check_manifest(uri: str, uri_column: str) -> list[str]:
     return extras
 
 
-def prepare_manifest_batch(batch: dict[str, np.ndarray], uri_column: str) -> dict[str, np.ndarray]:
-    """Rename the URI column to ``uri``, strip it, and drop blank entries (empty lines)."""
-    column = "text" if uri_column not in batch and "text" in batch else uri_column
-    uris = np.array(["" if u is None else str(u).strip() for u in batch[column]], dtype=object)
-    keep = uris != ""
-    out = {k: v[keep] for k, v in batch.items() if k != column}
-    out["uri"] = uris[keep]
-    return out
+def prepare_manifest_batch(
+    batch: pa.Table, uri_column: str, extras: pa.Schema | None = None
+) -> pa.Table:
+    """Input rows as the job carries them: ``uri`` (the URI column renamed and stripped; rows
+    where it is blank, like the empty lines of a text manifest, are dropped) and, when the
+    manifest has extra columns (``extras``), :data:`EXTRAS_COLUMN` packing them."""
+    column = (
+        "text"
+        if uri_column not in batch.column_names and "text" in batch.column_names
+        else uri_column
+    )
+    uris = pc.utf8_trim_whitespace(batch.column(column).cast(pa.string()).fill_null(""))
+    keep = pc.not_equal(uris, "")
+    out = pa.table({"uri": uris})
+    if extras is not None and len(extras):
+        out = out.append_column(EXTRAS_COLUMN, pack_extras(batch, extras))
+    return out.filter(keep)
+
+
+def pack_extras(batch: pa.Table, extras: pa.Schema) -> pa.Array:
+    """Each row's values of the ``extras`` columns as one pickled tuple (binary). Pickled
+    Python values come back exactly (:func:`unpack_extras` rebuilds the columns with their
+    declared types), and binary values pass through Ray's numpy batches unchanged."""
+    missing = [n for n in extras.names if n not in batch.column_names]
+    if missing:
+        raise InputError(f"manifest rows lack the columns {missing} its schema declares")
+    columns = [batch.column(name).to_pylist() for name in extras.names]
+    packed = [pickle.dumps(row, protocol=_PICKLE_PROTOCOL) for row in zip(*columns, strict=True)]
+    return pa.array(packed, type=pa.binary())
+
+
+def unpack_extras(packed: Iterable[object], extras: pa.Schema) -> list[pa.Array]:
+    """The extra columns, with ``extras``' types, from the values :func:`pack_extras` made
+    (bytes, one a row; carried by our own pipeline, never read from a user's file)."""
+    rows = [pickle.loads(bytes(p)) for p in packed]  # type: ignore[call-overload]
+    columns = list(zip(*rows, strict=True)) if rows else [() for _ in extras]
+    return [_typed_array(list(values), f.type) for values, f in zip(columns, extras, strict=True)]
+
+
+def _typed_array(values: list[object], type_: pa.DataType) -> pa.Array:
+    if pa.types.is_dictionary(type_):  # pyarrow builds those from their plain values
+        return pa.array(values, type=type_.value_type).dictionary_encode().cast(type_)
+    return pa.array(values, type=type_)

@@ -3,7 +3,11 @@
 Plan (Ray Data, streaming end to end; no step holds the whole dataset)::
 
     URIs (listing shards or manifest)                       read_parquet / read_csv / read_text
-      -> prepare_manifest_batch                             tasks: rename, strip, drop blanks
+      -> prepare_manifest_batch, with_image_ids             tasks: rename, strip, drop blanks,
+                                                            pack extra columns, image ids
+      -> join(committed images, left_anti)                  --resume only: skip what is done
+      -> repartition(keys=image_id) -> distinct_images      one row per image, copies counted
+                                                            (a manifest, or several --input)
       -> repartition(target_num_rows_per_block=load_batch)  small blocks, so decoding spreads
       -> load_batch                                         CPU tasks: read, decode to model size
       -> Segment                                            actor pool: Mask R-CNN, GPU if any
@@ -35,17 +39,25 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 import ray
 from ray.data import ActorPoolStrategy, Dataset
 from ray.data.block import Block, BlockAccessor
+from ray.data.context import ShuffleStrategy
 from ray.data.datasource import Datasink, WriteResult
 
-from segpipe.config import RunConfig
+from segpipe.config import MAX_FILE_BYTES, RunConfig
 from segpipe.io import arrow_filesystem, redact
 from segpipe.job import runs
 from segpipe.job.commit import WriteCounts
-from segpipe.job.inputs import manifest_format, prepare_manifest_batch
+from segpipe.job.inputs import (
+    csv_convert_options,
+    extras_schema,
+    manifest_format,
+    manifest_schema,
+    prepare_manifest_batch,
+)
 from segpipe.job.lease import RunLease
 from segpipe.job.runs import RunSummary
 from segpipe.job.stages import (
     Segment,
+    distinct_images,
     encode_rows,
     load_batch,
     load_batch_memory,
@@ -68,16 +80,22 @@ def run(cfg: RunConfig) -> RunSummary:
     """
     attempt = runs.prepare(cfg)
     with RunLease(attempt.cfg.output, attempt.run_id):
+        attempt.timeline.mark("leased")
         runs.begin(attempt)
         started_ray = _init_ray()
+        attempt.timeline.mark("ray_started")
         try:
             plan = _actor_plan(attempt.cfg)
             attempt.record["actors"] = asdict(plan)
             attempt.save()
             sink = _TablesSink(
-                attempt.cfg.output, attempt.cfg.partition_by, attempt.cfg.images_per_file
+                attempt.cfg.output,
+                attempt.cfg.partition_by,
+                attempt.cfg.images_per_file,
+                attempt.cfg.max_file_bytes,
             )
             fit = (int(attempt.weights["min_size"]), int(attempt.weights["max_size"]))
+            attempt.timeline.mark("plan_started")
             _build(attempt.cfg, plan, fit, attempt.done_files).write_datasink(sink)
         except BaseException as exc:
             runs.fail(attempt, exc)
@@ -120,9 +138,15 @@ def _build(
 ) -> Dataset:
     """The plan; ``fit`` is the model transform's ``(min_size, max_size)``, which the decode
     tasks decode large images to (unless ``cfg.decode.full_resolution``)."""
-    ds = _read_uris(cfg)
+    # The manifest's column types, read once here (a Parquet footer, a CSV's first block).
+    schema = manifest_schema(cfg.manifest) if cfg.manifest else None
+    extras = extras_schema(schema, cfg.uri_column)
+    ds = _read_uris(cfg, schema)
     if done_files:
         ds = _without_committed(ds, cfg, done_files)
+    if cfg.manifest is not None or len(cfg.inputs) > 1:
+        # A listing of one input names each file once: only several inputs can overlap.
+        ds = _distinct(ds)
     ds = ds.repartition(target_num_rows_per_block=cfg.load_batch_size)
     ds = ds.map_batches(
         partial(load_batch, decode=cfg.decode, fit=fit),
@@ -140,6 +164,8 @@ def _build(
             "model": cfg.model,
             "run_id": cfg.run_id,
             "torch_threads": cfg.torch_threads,
+            "timeline_to": (cfg.output, cfg.run_id),
+            "extras": extras if len(extras) else None,
         },
         batch_size=cfg.batch_size,
         batch_format="numpy",
@@ -160,18 +186,33 @@ def _build(
     )
 
 
-def _read_uris(cfg: RunConfig) -> Dataset:
+def _read_uris(cfg: RunConfig, schema: pa.Schema | None) -> Dataset:
+    """The input rows (``uri``, ``image_id``, packed extra columns): the listing's shards or
+    the manifest (``schema``: its columns' types, from :func:`manifest_schema`), read by
+    the cluster. A CSV manifest is read with ``schema``'s types in every block."""
     source = cfg.manifest or runs.listing_folder(cfg)
     filesystem, path = arrow_filesystem(source)
     kind = "parquet" if cfg.manifest is None else manifest_format(cfg.manifest)
+    column = cfg.uri_column if cfg.manifest is not None else "uri"
     if kind == "parquet":
         ds = ray.data.read_parquet(path, filesystem=filesystem, file_extensions=["parquet"])
     elif kind == "csv":
-        ds = ray.data.read_csv(path, filesystem=filesystem)
+        assert schema is not None
+        options = csv_convert_options(schema, column)
+        ds = ray.data.read_csv(path, filesystem=filesystem, convert_options=options)
     else:
         ds = ray.data.read_text(path, filesystem=filesystem)
-    column = cfg.uri_column if cfg.manifest is not None else "uri"
-    return ds.map_batches(partial(prepare_manifest_batch, uri_column=column), batch_format="numpy")
+    # Arrow batches: the manifest's columns keep their types until they are packed.
+    prepare = partial(
+        prepare_manifest_batch, uri_column=column, extras=extras_schema(schema, column)
+    )
+    ds = ds.map_batches(prepare, batch_format="pyarrow")
+    return ds.map_batches(with_image_ids, batch_format="pyarrow")
+
+
+def _shuffle_partitions() -> int:
+    """Partitions of the hash shuffles on ``image_id`` (resume's anti-join, the distinct)."""
+    return int(min(64, max(4, ray.cluster_resources().get("CPU", 4))))
 
 
 def _without_committed(ds: Dataset, cfg: RunConfig, done_files: list[str]) -> Dataset:
@@ -182,10 +223,29 @@ def _without_committed(ds: Dataset, cfg: RunConfig, done_files: list[str]) -> Da
     filesystem, root = arrow_filesystem(cfg.output)
     files = [f"{root}/{rel}" for rel in done_files]
     done = ray.data.read_parquet(files, filesystem=filesystem, columns=["image_id"])
-    partitions = int(min(64, max(4, ray.cluster_resources().get("CPU", 4))))
-    return ds.map_batches(with_image_ids, batch_format="numpy").join(
-        done, join_type="left_anti", num_partitions=partitions, on=("image_id",)
+    return ds.join(
+        done, join_type="left_anti", num_partitions=_shuffle_partitions(), on=("image_id",)
     )
+
+
+_HASH_SHUFFLES = (ShuffleStrategy.HASH_SHUFFLE, ShuffleStrategy.SHUFFLE_V2)
+
+
+def _distinct(ds: Dataset) -> Dataset:
+    """One row per image (a manifest may repeat a URI, --input prefixes may overlap), before
+    anything is fetched. The rows (``uri``, ``image_id``, packed extras: no pixels) are
+    hash-partitioned on ``image_id`` across the cluster, so that all rows of an image meet in
+    one block, and :func:`distinct_images` keeps one of them with its copy count (summed into
+    ``WriteCounts.duplicates`` at the write). This is how Ray Data's own ``map_groups`` puts
+    a group in one batch: a keyed repartition emits each partition as one block, and
+    ``batch_size=None`` hands each block over whole. Ray's sort-based shuffle strategies
+    cannot repartition on keys; under them the rows are sorted instead, as ``map_groups``
+    does."""
+    if ds.context.shuffle_strategy in _HASH_SHUFFLES:
+        ds = ds.repartition(_shuffle_partitions(), keys=["image_id"])
+    else:
+        ds = ds.sort("image_id")
+    return ds.map_batches(distinct_images, batch_size=None, batch_format="pyarrow")
 
 
 @contextlib.contextmanager
@@ -217,10 +277,17 @@ def _init_ray() -> bool:
 class _TablesSink(Datasink[WriteCounts]):
     """Writes each bundle of per-image rows as an ``images`` and an ``instances`` file."""
 
-    def __init__(self, output: str, partition_by: Iterable[str], images_per_file: int) -> None:
+    def __init__(
+        self,
+        output: str,
+        partition_by: Iterable[str],
+        images_per_file: int,
+        max_file_bytes: int = MAX_FILE_BYTES,
+    ) -> None:
         self.output = output
         self.partition_by = tuple(partition_by)
         self.images_per_file = images_per_file
+        self.max_file_bytes = max_file_bytes
         self.totals = WriteCounts()
 
     @property
@@ -233,7 +300,9 @@ class _TablesSink(Datasink[WriteCounts]):
         if not tables:
             return WriteCounts()
         rows = pa.concat_tables(tables, promote_options="default")
-        return write_rows(rows, self.output, partition_by=self.partition_by)
+        return write_rows(
+            rows, self.output, partition_by=self.partition_by, max_file_bytes=self.max_file_bytes
+        )
 
     def on_write_complete(self, write_result: WriteResult[WriteCounts]) -> None:
         for counts in write_result.write_returns:

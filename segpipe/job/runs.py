@@ -7,7 +7,11 @@ and after the cluster work, none of which needs Ray.
 2. :func:`begin` (under the lease): list the inputs (or reuse the first attempt's listing),
    delete the old run for ``overwrite``, write the run record, finish or discard what a
    killed attempt left, and gather the committed units that this attempt skips.
-3. :func:`finish` or :func:`fail`: the run record's final state and counts.
+3. :func:`finish` or :func:`fail`: the run record's final state and counts. A run whose
+   ``images`` rows (with the duplicate input rows dropped) do not add up to what it listed
+   ends failed (:class:`IncompleteRunError`); its committed rows stay, for a ``--resume``.
+
+``--resume`` without a run id resumes the output's only unfinished run (:func:`unfinished_run`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from segpipe.io import absolute, atomic_write, fs_root, is_local, redact
 from segpipe.job.commit import WriteCounts, delete_run, recover, units
 from segpipe.job.inputs import check_manifest, list_images, write_listing
 from segpipe.job.record import now, public_config, read_record, versions, write_record
+from segpipe.job.timeline import Timeline, actor_marks, forget_actor_marks
 from segpipe.layout import IMAGES_DIR, TABLES
 
 log = logging.getLogger(__name__)
@@ -38,6 +43,15 @@ class OutputError(ValueError):
     """The output location cannot take this run."""
 
 
+class IncompleteRunError(RuntimeError):
+    """The run ended without an ``images`` row for every listed image: its record says
+    failed, what it committed stays committed, and ``--resume`` can finish it."""
+
+    def __init__(self, message: str, summary: RunSummary) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
 @dataclass(frozen=True)
 class RunSummary:
     run_id: str
@@ -47,8 +61,13 @@ class RunSummary:
     images_error: int
     instances: int
     files: int
+    duplicates: int
     seconds: float
     resumed: int = 0  # images committed by earlier attempts of the run (--resume)
+    # From the attempt's start (the driver process's) to the first batch out of the model,
+    # and the rate from the first batch into the model to the end: the steady state.
+    startup_s: float | None = None
+    steady_images_per_s: float | None = None
 
     @property
     def images_per_s(self) -> float:
@@ -58,11 +77,20 @@ class RunSummary:
 
     def describe(self) -> str:
         earlier = f", {self.resumed} of them from earlier attempts" if self.resumed else ""
+        dropped = f", {self.duplicates} duplicate input rows dropped" if self.duplicates else ""
         return (
             f"run {self.run_id}: {self.images} images ({self.images_ok} ok, "
-            f"{self.images_error} error{earlier}), {self.instances} instances, {self.files} "
-            f"files in {self.seconds:.1f} s ({self.images_per_s:.2f} images/s) -> "
-            f"{redact(self.output)}"
+            f"{self.images_error} error{earlier}){dropped}, {self.instances} instances, "
+            f"{self.files} files in {self.seconds:.1f} s ({self.images_per_s:.2f} images/s"
+            f"{self._steady()}) -> {redact(self.output)}"
+        )
+
+    def _steady(self) -> str:
+        if self.startup_s is None or self.steady_images_per_s is None:
+            return ""
+        return (
+            f"; start-up {self.startup_s:.1f} s to the first batch out of the model, then "
+            f"{self.steady_images_per_s:.2f} images/s"
         )
 
 
@@ -80,6 +108,7 @@ class Attempt:
     prior: WriteCounts = field(default_factory=WriteCounts)
     done_files: list[str] = field(default_factory=list)  # committed images files to skip
     listed: int | None = None
+    timeline: Timeline = field(default_factory=Timeline)
 
     @property
     def run_id(self) -> str:
@@ -97,6 +126,10 @@ def default_run_id() -> str:
 def prepare(cfg: RunConfig) -> Attempt:
     """Every check that can fail before the lease is taken and any cluster work starts."""
     started = time.monotonic()
+    timeline = Timeline()
+    timeline.mark("prepare")  # from the process's start to here: Python and imports
+    if cfg.resume and cfg.run_id is None:
+        cfg = replace(cfg, run_id=unfinished_run(cfg.output))
     named = cfg.run_id is not None
     cfg = resolved(cfg)
     previous = check_output(cfg, named)
@@ -108,7 +141,8 @@ def prepare(cfg: RunConfig) -> Attempt:
     extras = check_manifest(cfg.manifest, cfg.uri_column) if cfg.manifest else []
     if previous is not None and cfg.resume:
         check_same_settings(cfg, weights, previous)
-    return Attempt(cfg, previous, weights, extras, started)
+    timeline.mark("checked")  # the output, the weights' fingerprint, the manifest
+    return Attempt(cfg, previous, weights, extras, started, timeline=timeline)
 
 
 def begin(attempt: Attempt) -> None:
@@ -116,11 +150,16 @@ def begin(attempt: Attempt) -> None:
     cfg, previous = attempt.cfg, attempt.previous
     # Listed before anything of an old run is deleted: a wrong input fails here, harmlessly.
     attempt.listed = _listing(cfg, previous if cfg.resume else None)
+    attempt.timeline.mark("listed")
     if previous is not None and cfg.overwrite:
         log.info("--overwrite: deleting run %s from %s", cfg.run_id, redact(cfg.output))
         # A tombstone first: a --resume of a half-deleted run would take it for committed.
         write_record(cfg.output, attempt.run_id, {**previous, "status": DELETING})
-        delete_run(cfg.output, attempt.run_id, [layout.metrics("", attempt.run_id)])
+        delete_run(
+            cfg.output,
+            attempt.run_id,
+            [layout.metrics("", attempt.run_id), layout.actor_timelines("", attempt.run_id)],
+        )
         previous = attempt.previous = None
     attempt.record = {
         "run_id": cfg.run_id,
@@ -137,6 +176,7 @@ def begin(attempt: Attempt) -> None:
         "listed_images": attempt.listed,
     }
     attempt.save()
+    forget_actor_marks(cfg.output, attempt.run_id)  # an earlier attempt's actors
     recover(cfg.output, attempt.run_id)
     committed = list(units(cfg.output, attempt.run_id))  # one small marker per unit
     attempt.prior = sum((u.counts for u in committed), WriteCounts())
@@ -151,24 +191,52 @@ def begin(attempt: Attempt) -> None:
 
 
 def fail(attempt: Attempt, exc: BaseException) -> None:
+    _close_timeline(attempt)
     attempt.record.update(status="failed", finished_at=now(), error=f"{type(exc).__name__}: {exc}")
     attempt.save()
 
 
+def _close_timeline(attempt: Attempt) -> tuple[float | None, float | None]:
+    """Fold the actors' marks into the attempt's timeline and put it in the record; returns
+    (start-up seconds, steady-state images/s) where the actors reported."""
+    timeline = attempt.timeline
+    try:
+        actors = timeline.fold(actor_marks(attempt.cfg.output, attempt.run_id))
+    except Exception as exc:  # the timeline is for people: never fail a run over it
+        log.warning("could not read the actors' timelines: %s: %s", type(exc).__name__, exc)
+        actors = 0
+    timeline.mark("finished")
+    attempt.record["timeline"] = timeline.ordered()
+    attempt.record["timeline_actors"] = actors
+    marks = timeline.marks
+    if "first_batch_out" not in marks or "first_batch_in" not in marks:
+        return None, None
+    done = attempt.record.get("counts", {}).get("images", 0) - attempt.prior.images
+    window = marks["finished"] - marks["first_batch_in"]
+    return marks["first_batch_out"], (done / window if window > 0 else None)
+
+
 def finish(attempt: Attempt, written: WriteCounts) -> RunSummary:
-    """The run record's final state, given what this attempt's write tasks committed."""
+    """The run record's final state, given what this attempt's write tasks committed.
+
+    Every listed image must have its ``images`` row, or have been dropped as a duplicate of
+    another listed row: when ``images + duplicates != listed`` the record says failed (with
+    the counts) and :class:`IncompleteRunError` is raised. The committed units stay, so a
+    ``--resume`` can finish the run once the cause (a listing shard that could not be read,
+    say) is gone. A manifest run has no listing count and is not checked here.
+    """
     counts = attempt.prior + written
+    attempt.record["counts"] = asdict(counts)
+    startup, steady = _close_timeline(attempt)
     summary = RunSummary(
         attempt.run_id,
         attempt.cfg.output,
         **asdict(counts),
         seconds=time.monotonic() - attempt.started,
         resumed=attempt.prior.images,
+        startup_s=startup,
+        steady_images_per_s=steady,
     )
-    if attempt.listed is not None and counts.images != attempt.listed:
-        log.error(
-            "listed %d images but the run holds %d images rows", attempt.listed, counts.images
-        )
     attempt.record.update(
         status="succeeded",
         finished_at=now(),
@@ -176,9 +244,68 @@ def finish(attempt: Attempt, written: WriteCounts) -> RunSummary:
         resumed_from=asdict(attempt.prior) if attempt.prior.images else None,
         seconds=round(summary.seconds, 3),
         images_per_s=round(summary.images_per_s, 3),
+        startup_s=startup,
+        steady_images_per_s=None if steady is None else round(steady, 3),
     )
+    accounted = counts.images + counts.duplicates
+    if attempt.listed is not None and accounted != attempt.listed:
+        gap = attempt.listed - accounted
+        error = (
+            f"listed {attempt.listed} images, wrote {counts.images} images rows and dropped "
+            f"{counts.duplicates} duplicates: {abs(gap)} {'missing' if gap > 0 else 'too many'}"
+        )
+        attempt.record.update(status="failed", error=f"{IncompleteRunError.__name__}: {error}")
+        attempt.save()
+        raise IncompleteRunError(
+            f"run {attempt.run_id} failed: {error}; its committed rows stay, and "
+            f"`--resume --run-id {attempt.run_id}` finishes it once the cause is fixed",
+            summary,
+        )
     attempt.save()
     return summary
+
+
+UNFINISHED = ("running", "failed")  # the statuses of a run that --resume can finish
+
+
+def unfinished_run(output: str) -> str:
+    """The id of the output's only unfinished run (its record's status running or failed),
+    for ``--resume`` without a run id. Reads only the run records under ``_runs/``, never the
+    tables. None or several: an OutputError that lists the candidates."""
+    output = absolute(output).rstrip("/")
+    fs, root = fs_root(output)
+    folder = f"{root}/{layout.RUNS_DIR}"
+    fs.invalidate_cache(folder)  # a listing cached earlier in this process may be stale
+    try:
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)]
+    except FileNotFoundError:
+        names = []
+    found: list[dict[str, Any]] = []
+    for name in sorted(n for n in names if n.endswith(".json")):
+        try:
+            record = read_record(output, name[: -len(".json")])
+        except (FileNotFoundError, ValueError):
+            continue
+        # A run's record names its run; the lease and metrics files beside it do not.
+        if record.get("run_id") == name[: -len(".json")]:
+            found.append(record)
+    unfinished = [r for r in found if r.get("status") in UNFINISHED]
+    if len(unfinished) == 1:
+        run_id = str(unfinished[0].get("run_id"))
+        log.info("--resume: the only unfinished run in %s is %s", redact(output), run_id)
+        return run_id
+    listed = "; ".join(
+        f"{r.get('run_id')} ({r.get('status')}, started {r.get('started_at', '?')})"
+        for r in unfinished
+    )
+    if unfinished:
+        problem = f"{len(unfinished)} unfinished runs: {listed}"
+    else:
+        problem = f"no unfinished run (status running or failed) among its {len(found)} run records"
+    raise OutputError(
+        f"--resume without --run-id resumes the only unfinished run of {redact(output)}, and "
+        f"it has {problem}; pass --run-id NAME to say which run to resume"
+    )
 
 
 def listing_folder(cfg: RunConfig) -> str:

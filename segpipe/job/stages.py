@@ -6,15 +6,20 @@ tests and the in-process runner call them directly.
 
 Columns between steps:
 
-- input: ``uri`` (str), plus any extra manifest columns, which are carried through untouched.
+- input (:func:`segpipe.job.inputs.prepare_manifest_batch`, :func:`with_image_ids`,
+  :func:`distinct_images`): ``uri`` (str), ``image_id``, ``inputs.COPIES_COLUMN`` (how many
+  input rows named the image) and, for a manifest with extra columns,
+  ``inputs.EXTRAS_COLUMN`` (their values, packed: binary). Columns other than load_batch's
+  are carried through untouched.
 - after :func:`load_batch`: ``image_id``, ``width``, ``height`` (int32: the upright image's
   full-resolution size; -1 when unknown), ``status``, ``error_code``, ``error`` (str, "" when
   ok) and ``pixels`` (uint8 (h, w, 3): the full image, or, decoded at the model's scale,
   smaller than ``height`` x ``width``; an empty (0, 0, 3) array for images that failed).
   Every coordinate downstream is in the full-resolution ``width`` x ``height``.
 - after :class:`Segment`: a ``pyarrow.Table`` with one row per image: the ``images`` columns,
-  the extra columns, and ``instances``, a list of structs (:data:`WINDOWED_STRUCT`) holding
-  the image's detections, each mask as its packed window (``core.encode.MASK_WINDOW_FIELDS``).
+  the extra columns (unpacked, with the manifest's types), and ``instances``, a list of
+  structs (:data:`WINDOWED_STRUCT`) holding the image's detections, each mask as its packed
+  window (``core.encode.MASK_WINDOW_FIELDS``).
 - after :func:`encode_rows` (CPU tasks, so the model actors never wait for it): the same,
   with ``instances`` as :data:`INSTANCE_STRUCT`, masks as COCO RLE.
   :func:`split_tables` turns it into the two output tables.
@@ -42,7 +47,8 @@ from segpipe.core.rows import (
     windowed_instances_table,
 )
 from segpipe.io import read_bytes, redact
-from segpipe.job.inputs import canonical_uri
+from segpipe.job.inputs import COPIES_COLUMN, EXTRAS_COLUMN, canonical_uri, unpack_extras
+from segpipe.job.timeline import ActorMarks
 from segpipe.schema import (
     BAD_URI,
     INSTANCES_SCHEMA,
@@ -156,11 +162,43 @@ def load_batch_memory(images: int, decode: DecodeConfig, fit: tuple[int, int] | 
     return pixels + images * ENCODED_BYTES_PER_IMAGE
 
 
-def with_image_ids(batch: Batch) -> Batch:
-    """The batch with ``image_id`` added, computed as :func:`load_batch` will (from the
+def with_image_ids(rows: pa.Table) -> pa.Table:
+    """The rows with ``image_id`` added, computed as :func:`load_batch` will (from the
     canonical URI, or from the text as given when it is not a valid one)."""
-    ids = [image_id(_canonical(raw)[0]) for raw in batch["uri"]]
-    return {**batch, "image_id": np.array(ids, dtype=object)}
+    ids = [image_id(_canonical(raw)[0]) for raw in rows.column("uri").to_pylist()]
+    return rows.append_column("image_id", pa.array(ids, type=pa.string()))
+
+
+def distinct_images(rows: pa.Table) -> pa.Table:
+    """One row per ``image_id``, with :data:`COPIES_COLUMN` saying how many rows named it.
+
+    ``rows`` must hold every input row of each image it has (the pipeline hash-partitions
+    the input on ``image_id`` first). Of several rows of one image, the one kept is the
+    first in the order of the URI as written (stripped), then of the packed extra manifest
+    values as bytes (an arbitrary order, but a fixed one): the same row whatever order the
+    input was read in, on every run and resume.
+    """
+    keys = [("image_id", "ascending"), ("uri", "ascending")]
+    if EXTRAS_COLUMN in rows.column_names:
+        keys.append((EXTRAS_COLUMN, "ascending"))
+    n = rows.num_rows
+    order = pc.sort_indices(rows, sort_keys=keys)
+    ids = rows.column("image_id").take(order)
+    changes = pc.not_equal(ids.slice(1), ids.slice(0, max(n - 1, 0)))
+    firsts = np.flatnonzero(np.concatenate(([n > 0], changes.to_numpy(zero_copy_only=False))))
+    copies = np.diff(np.append(firsts, n)).astype(np.int32)
+    kept = rows.take(order.take(pa.array(firsts, type=pa.int64())))
+    return kept.append_column(COPIES_COLUMN, pa.array(copies, type=pa.int32()))
+
+
+def take_copies(rows: pa.Table) -> tuple[pa.Table, int]:
+    """``rows`` without :data:`COPIES_COLUMN`, and the duplicates it counts: the input rows
+    beyond the first of each image (0 when the rows have no such column)."""
+    if COPIES_COLUMN not in rows.column_names:
+        return rows, 0
+    copies = pc.fill_null(rows.column(COPIES_COLUMN), 1)
+    duplicates = int(pc.sum(copies).as_py() or 0) - rows.num_rows
+    return rows.drop_columns([COPIES_COLUMN]), duplicates
 
 
 def _canonical(raw: object) -> tuple[str, str | None]:
@@ -174,10 +212,20 @@ def _canonical(raw: object) -> tuple[str, str | None]:
 class Segment:
     """Mask R-CNN over a decoded batch -> one row per image with its detections nested.
 
-    Holds the model: construct once per worker, call once per batch.
+    Holds the model: construct once per worker, call once per batch. ``extras``: the types of
+    the manifest's extra columns, which batches carry packed (:data:`EXTRAS_COLUMN`).
     """
 
-    def __init__(self, model: ModelConfig, run_id: str, torch_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        model: ModelConfig,
+        run_id: str,
+        torch_threads: int | None = None,
+        extras: pa.Schema | None = None,
+        timeline_to: tuple[str, str] | None = None,
+    ) -> None:
+        # ``timeline_to``: (output, run id) to write this actor's start-up marks under.
+        self.marks = ActorMarks(*timeline_to) if timeline_to is not None else None
         # Imported here so that the CPU steps never pay for importing torch.
         import torch
 
@@ -186,9 +234,21 @@ class Segment:
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
         self.run_id = run_id
+        self.extras = extras
         self.segmenter = Segmenter(model)
+        if self.marks is not None:
+            self.marks.mark("model_loaded")
 
     def __call__(self, batch: Batch) -> pa.Table:
+        if self.marks is not None:
+            self.marks.mark("first_batch_in")
+        rows = self._segment(batch)
+        if self.marks is not None and not self.marks.written:
+            self.marks.mark("first_batch_out")
+            self.marks.write()
+        return rows
+
+    def _segment(self, batch: Batch) -> pa.Table:
         ok = [i for i, s in enumerate(batch["status"]) if s == STATUS_OK]
         try:
             detections = self.segmenter(
@@ -203,7 +263,7 @@ class Segment:
                 str(exc)[:200],
             )
             by_row, batch = self._one_by_one(batch, ok)
-        return image_rows(batch, self.run_id, by_row, self.segmenter.categories)
+        return image_rows(batch, self.run_id, by_row, self.segmenter.categories, self.extras)
 
     def _one_by_one(self, batch: Batch, ok: list[int]) -> tuple[dict[int, Detections], Batch]:
         """Each image alone; one the model still fails on becomes an error row."""
@@ -219,10 +279,18 @@ class Segment:
 
 
 def image_rows(
-    batch: Batch, run_id: str, detections: dict[int, Detections], categories: Sequence[str]
+    batch: Batch,
+    run_id: str,
+    detections: dict[int, Detections],
+    categories: Sequence[str],
+    extras: pa.Schema | None = None,
 ) -> pa.Table:
     """The per-image table for a loaded batch, given detections for its decoded rows; the
-    nested instances hold mask windows (:data:`WINDOWED_STRUCT`), for :func:`encode_rows`."""
+    nested instances hold mask windows (:data:`WINDOWED_STRUCT`), for :func:`encode_rows`.
+
+    Packed manifest columns (:data:`EXTRAS_COLUMN`) are unpacked with the types ``extras``
+    declares, so every batch gives them the manifest's types, nulls as nulls. Any other
+    carried column is converted from its numpy array as it is."""
     records: list[ImageRecord] = []
     refs: list[ImageRef] = []
     counts = np.zeros(len(batch["uri"]), dtype=np.int32)
@@ -244,7 +312,13 @@ def image_rows(
     offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
     table = images_table(records)
     for name in _extra_columns(batch):
-        table = table.append_column(name, pa.array(list(batch[name])))
+        if name != EXTRAS_COLUMN:
+            table = table.append_column(name, pa.array(list(batch[name])))
+        elif extras is None:
+            raise ValueError(f"a batch with {EXTRAS_COLUMN} needs the extra columns' schema")
+        else:
+            for field, column in zip(extras, unpack_extras(batch[name], extras), strict=True):
+                table = table.append_column(field, column)
     return table.append_column("instances", pa.ListArray.from_arrays(offsets, struct))
 
 
