@@ -35,7 +35,7 @@ from segpipe import layout
 from segpipe.config import MAX_FILE_BYTES
 from segpipe.io import fs_root, is_local, retrying
 from segpipe.job.commit import Unit, WriteCounts, commit_unit, committed_unit, publish_committed
-from segpipe.job.stages import split_tables
+from segpipe.job.stages import split_tables, take_copies
 from segpipe.layout import IMAGES_DIR, INSTANCES_DIR
 from segpipe.schema import STATUS_OK
 
@@ -109,6 +109,7 @@ def write_rows(
     """
     if rows.num_rows == 0:
         return WriteCounts()
+    rows, duplicates = take_copies(rows)
     images, instances = split_tables(rows)
     run_ids = pc.unique(images.column("run_id")).to_pylist()
     if len(run_ids) != 1:
@@ -140,6 +141,7 @@ def write_rows(
         images_error=images.num_rows - ok,
         instances=instances.num_rows,
         files=sum(len(f) for f in unit.files.values()),
+        duplicates=duplicates,
     )
     commit_unit(output, unit)
     return unit.counts
