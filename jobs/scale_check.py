@@ -12,7 +12,7 @@ driver, of all Ray workers together and of the largest one at each tenth (flat: 
 ceil(images / images_per_file); CPU per image (stages on one core, the run's processes) and
 Ray's overhead; the resume figures and the start-up timeline. See segpipe/tools/scale.py.
 
-    .venv/bin/python jobs/scale_check.py                          # 100,000 images (~1 h here)
+    .venv/bin/python jobs/scale_check.py    # 100,000 images: 1.5-2 h on a quiet 2-core machine
     .venv/bin/python jobs/scale_check.py --images 2000 --images-per-file 100 --json small.json
 """
 

@@ -1221,6 +1221,10 @@ def _estimate(r: ScaleResult, steady: float | None) -> dict[str, Any]:
     }
 
 
+def _order(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) else math.inf
+
+
 def _round(x: float | None, digits: int = 2) -> float | None:
     return None if x is None else round(x, digits)
 
@@ -1262,7 +1266,7 @@ def describe(r: ScaleResult) -> str:
             "  the run record's timeline: "
             + ", ".join(
                 f"{k} {v:.1f}" if isinstance(v, int | float) else f"{k} {v}"
-                for k, v in marks.items()
+                for k, v in sorted(marks.items(), key=lambda kv: _order(kv[1]))
             )
         )
     mem = rep["memory"]
