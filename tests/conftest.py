@@ -54,10 +54,15 @@ def s3_env(s3_endpoint: str) -> str:
 
 @pytest.fixture(scope="session")
 def ray_local(s3_endpoint: str) -> Iterator[None]:
-    """One embedded Ray runtime for the in-process pipeline tests (2 CPUs, like CI)."""
+    """One embedded Ray runtime for the in-process pipeline tests, with the CPU slots the job
+    gives an embedded Ray (segpipe.job.pipeline.embedded_ray_cpus)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=1_500_000_000)
+    from segpipe.job.pipeline import embedded_ray_cpus
+
+    ray.init(
+        num_cpus=embedded_ray_cpus(), include_dashboard=False, object_store_memory=1_500_000_000
+    )
     try:
         yield
     finally:

@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
@@ -77,33 +78,70 @@ def run(cfg: RunConfig) -> RunSummary:
 
     A new run id starts a run; an existing one is refused unless ``cfg.resume`` (finish it:
     images already committed are skipped) or ``cfg.overwrite`` (delete it, then run anew).
+    Ray starts (or is joined) in the background once the output's checks pass, while the
+    driver checks the weights, takes the lease and lists the inputs.
     """
-    attempt = runs.prepare(cfg)
-    with RunLease(attempt.cfg.output, attempt.run_id):
-        attempt.timeline.mark("leased")
-        runs.begin(attempt)
-        started_ray = _init_ray()
-        attempt.timeline.mark("ray_started")
+    with _RayStart() as ray_start:
+        attempt = runs.prepare(cfg, output_checked=ray_start.begin)
+        with RunLease(attempt.cfg.output, attempt.run_id):
+            attempt.timeline.mark("leased")
+            runs.begin(attempt)
+            try:
+                ray_start.wait()
+                attempt.timeline.mark("ray_started")
+                plan = _actor_plan(attempt.cfg)
+                attempt.record["actors"] = asdict(plan)
+                attempt.save()
+                sink = _TablesSink(
+                    attempt.cfg.output,
+                    attempt.cfg.partition_by,
+                    attempt.cfg.images_per_file,
+                    attempt.cfg.max_file_bytes,
+                )
+                fit = (int(attempt.weights["min_size"]), int(attempt.weights["max_size"]))
+                attempt.timeline.mark("plan_started")
+                _build(attempt.cfg, plan, fit, attempt.done_files).write_datasink(sink)
+            except BaseException as exc:
+                runs.fail(attempt, exc)
+                raise
+            return runs.finish(attempt, sink.totals)
+
+
+class _RayStart:
+    """Starts Ray (:func:`_init_ray`) in a background thread, so that its seconds overlap
+    the driver's own start-up work; on leaving, waits for it and shuts down a runtime it
+    started (also when the checks failed while Ray was starting)."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ray-start")
+        self._started: Future[bool] | None = None
+
+    def begin(self) -> None:
+        if self._started is None:
+            self._started = self._pool.submit(_init_ray)
+
+    def wait(self) -> None:
+        self.begin()
+        assert self._started is not None
+        self._started.result()
+
+    def __enter__(self) -> _RayStart:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         try:
-            plan = _actor_plan(attempt.cfg)
-            attempt.record["actors"] = asdict(plan)
-            attempt.save()
-            sink = _TablesSink(
-                attempt.cfg.output,
-                attempt.cfg.partition_by,
-                attempt.cfg.images_per_file,
-                attempt.cfg.max_file_bytes,
-            )
-            fit = (int(attempt.weights["min_size"]), int(attempt.weights["max_size"]))
-            attempt.timeline.mark("plan_started")
-            _build(attempt.cfg, plan, fit, attempt.done_files).write_datasink(sink)
-        except BaseException as exc:
-            runs.fail(attempt, exc)
-            raise
-        finally:
-            if started_ray:
+            if self._started is None:
+                return
+            try:
+                started = self._started.result()
+            except Exception:
+                if exc_type is None:
+                    raise
+                started = ray.is_initialized()  # keep the error already on its way
+            if started:
                 ray.shutdown()
-        return runs.finish(attempt, sink.totals)
+        finally:
+            self._pool.shutdown()
 
 
 @dataclass(frozen=True)
@@ -260,6 +298,18 @@ def ray_runtime() -> Iterator[None]:
             ray.shutdown()
 
 
+# The CPU slots an embedded Ray gets at least. The plan streams only if its CPU steps (the
+# read, decoding, encoding, the write) can run beside the model actor; with 2 slots on a
+# 2-core machine the actor and one of them take both, the steps run in turn, and nothing is
+# committed until decoding is done. Slots are scheduling tokens, not cores.
+EMBEDDED_MIN_CPUS = 4
+
+
+def embedded_ray_cpus() -> int:
+    """The CPU slots of an embedded Ray: this machine's cores, at least EMBEDDED_MIN_CPUS."""
+    return max(os.cpu_count() or 1, EMBEDDED_MIN_CPUS)
+
+
 def _init_ray() -> bool:
     """Join the cluster named by RAY_ADDRESS, or start an embedded local Ray. True if started."""
     if ray.is_initialized():
@@ -270,7 +320,7 @@ def _init_ray() -> bool:
         ray.init(address=address)
     else:
         log.info("RAY_ADDRESS is not set: starting an embedded local Ray")
-        ray.init(include_dashboard=False)
+        ray.init(include_dashboard=False, num_cpus=embedded_ray_cpus())
     return True
 
 

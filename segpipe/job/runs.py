@@ -21,6 +21,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -123,8 +124,13 @@ def default_run_id() -> str:
     return "run-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
-def prepare(cfg: RunConfig) -> Attempt:
-    """Every check that can fail before the lease is taken and any cluster work starts."""
+def prepare(cfg: RunConfig, output_checked: Callable[[], None] | None = None) -> Attempt:
+    """Every check that can fail before the lease is taken and any cluster work starts.
+
+    ``output_checked`` is called once the quick checks of the output have passed, before the
+    slow one (the weights: importing torch takes seconds); the pipeline starts Ray there, so
+    that Ray's start overlaps the rest of the checks, the lease and the listing.
+    """
     started = time.monotonic()
     timeline = Timeline()
     timeline.mark("prepare")  # from the process's start to here: Python and imports
@@ -133,6 +139,8 @@ def prepare(cfg: RunConfig) -> Attempt:
     named = cfg.run_id is not None
     cfg = resolved(cfg)
     previous = check_output(cfg, named)
+    if output_checked is not None:
+        output_checked()
     # The model module (torch, torchvision: ~450 MB and seconds to import) is imported here,
     # on the driver only: CPU workers unpickle the job's steps and must not load torch.
     from segpipe.core.weights import fingerprint_weights

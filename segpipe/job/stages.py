@@ -229,6 +229,8 @@ class Segment:
         # Imported here so that the CPU steps never pay for importing torch.
         import torch
 
+        if self.marks is not None:
+            self.marks.mark("torch_imported")
         from segpipe.core.model import Segmenter
 
         if torch_threads is not None:

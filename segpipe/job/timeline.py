@@ -27,7 +27,14 @@ from segpipe.io import atomic_write, fs_root
 log = logging.getLogger(__name__)
 
 # The actor marks, in the order they happen.
-ACTOR_MARKS = ("actor_started", "model_loaded", "first_batch_in", "first_batch_out")
+ACTOR_MARKS = (
+    "worker_started",
+    "actor_started",
+    "torch_imported",
+    "model_loaded",
+    "first_batch_in",
+    "first_batch_out",
+)
 
 
 def process_started() -> float:
@@ -69,8 +76,12 @@ class ActorMarks:
 
     def __init__(self, output: str, run_id: str) -> None:
         self.output, self.run_id = output, run_id
-        # Not the process's start: Ray may hand the actor a worker process started earlier.
-        self.marks: dict[str, float] = {"actor_started": time.time()}
+        # The worker process may be older than the actor: Ray hands actors pre-started
+        # workers when it has them (worker_started is then before the plan started).
+        self.marks: dict[str, float] = {
+            "worker_started": process_started(),
+            "actor_started": time.time(),
+        }
         self.written = False
 
     def mark(self, name: str) -> None:
