@@ -71,6 +71,12 @@ log = logging.getLogger(__name__)
 # An encode task holds its images' packed mask windows, at full resolution, and their RLE:
 # Ray measured up to 292 MiB for 16 photos of 10-18 MP with ~11 detections each.
 ENCODE_TASK_MEMORY = 512 * 1024**2
+# The CPU that encode and write tasks ask for. They are light (BENCHMARKS.md: well under a
+# millisecond an image each for small images), and a whole CPU does not fit in the share
+# that Ray Data reserves for each step on a small node (half the CPUs, split over the six
+# steps: 0.33 of 4): at 1 CPU they wait for the CPUs that decoding and the read hold, and on
+# a 4-slot machine nothing was committed in the first 14,000 images of a 100,000-image run.
+LIGHT_TASK_CPUS = 0.25
 
 
 def run(cfg: RunConfig) -> RunSummary:
@@ -100,7 +106,9 @@ def run(cfg: RunConfig) -> RunSummary:
                 )
                 fit = (int(attempt.weights["min_size"]), int(attempt.weights["max_size"]))
                 attempt.timeline.mark("plan_started")
-                _build(attempt.cfg, plan, fit, attempt.done_files).write_datasink(sink)
+                _build(attempt.cfg, plan, fit, attempt.done_files).write_datasink(
+                    sink, ray_remote_args={"num_cpus": LIGHT_TASK_CPUS}
+                )
             except BaseException as exc:
                 runs.fail(attempt, exc)
                 raise
@@ -219,7 +227,7 @@ def _build(
         encode_rows,
         batch_format="pyarrow",
         batch_size=max(cfg.batch_size, cfg.load_batch_size),
-        num_cpus=1,
+        num_cpus=LIGHT_TASK_CPUS,
         memory=ENCODE_TASK_MEMORY,
     )
 
