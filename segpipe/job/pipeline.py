@@ -219,6 +219,10 @@ def _build(
         num_gpus=plan.gpus_per_actor,
         num_cpus=plan.cpus_per_actor,
     )
+    # No task waits for its outputs to be taken (Ray Data lets one hold 2 blocks unread):
+    # the read is the one step whose task yields many blocks (the listing in blocks of
+    # load_batch_size rows), and, made to wait, it held its CPU for the whole run.
+    ds.context._max_num_blocks_in_streaming_gen_buffer = None
     # Run-length encoding in CPU tasks, off the model actors, load_batch_size images a task
     # (one task per actor batch of 1 cost more in task overhead than the encoding). The
     # reservation (differing from the write tasks') keeps Ray from fusing it into the write,
