@@ -56,9 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(
             "run",
             help="segment images into Parquet tables (Ray Data job)",
-            epilog="exit status: 0 the run succeeded; 1 it ended failed (its record under "
-            "_runs/ says why; what it committed stays, and --resume finishes it); 2 an error "
-            "told in one line (bad settings, an output that cannot take the run)",
+            epilog="exit status: 0 the run succeeded; 1 it ended failed or was stopped (short "
+            "of its listing, or over --max-error-rate; its record under _runs/ says why; what "
+            "it committed stays, and --resume goes on); 2 an error told in one line (bad "
+            "settings, an output that cannot take the run)",
         )
     )
     _query_flags(sub.add_parser("query", help="run SQL over an output with DuckDB"))
@@ -256,12 +257,13 @@ def run_command(args: argparse.Namespace) -> int:
     settings are 2, in :func:`main`."""
     cfg = run_config(args)
     from segpipe.job.pipeline import run
-    from segpipe.job.runs import IncompleteRunError
+    from segpipe.job.runs import RunFailedError
 
     try:
         summary = run(cfg)
-    except IncompleteRunError as exc:
-        print(exc.summary.describe(), file=sys.stderr)
+    except RunFailedError as exc:
+        if exc.summary is not None:
+            print(exc.summary.describe(), file=sys.stderr)
         print(f"segpipe: error: {exc}", file=sys.stderr)
         return 1
     print(summary.describe())

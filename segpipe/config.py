@@ -32,6 +32,7 @@ PARTITION_COLUMNS = ("run_id", "label", "label_id", "status")
 INPUT_GROUP = "input (one of)"
 MODEL_GROUP = "model"
 SCALE_GROUP = "scale"
+ERRORS_GROUP = "error budget"
 # What one output Parquet file holds at most, as the Arrow size of its rows (RunConfig).
 MAX_FILE_BYTES = 512 * 1024**2
 
@@ -360,6 +361,22 @@ class RunConfig:
             group=SCALE_GROUP,
         ),
     )
+    # The error budget (segpipe/job/budget.py): a run mostly of error rows fails.
+    max_error_rate: float = field(
+        default=0.5,
+        metadata=flag(
+            "a run whose share of error images ends above this fails (exit 1), and one above "
+            "it once --error-check-after images are committed stops early; 1 turns it off",
+            group=ERRORS_GROUP,
+        ),
+    )
+    error_check_after: int = field(
+        default=100,
+        metadata=flag(
+            "images this attempt must have committed before its error rate can stop it early",
+            group=ERRORS_GROUP,
+        ),
+    )
     # An existing run of the same id: finish it (skip committed images) or replace it.
     resume: bool = field(
         default=False,
@@ -397,6 +414,10 @@ class RunConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_file_bytes < 1:
             raise ValueError(f"max_file_bytes must be >= 1, got {self.max_file_bytes}")
+        if not 0.0 <= self.max_error_rate <= 1.0:
+            raise ValueError(f"max_error_rate must be in [0, 1], got {self.max_error_rate}")
+        if self.error_check_after < 1:
+            raise ValueError(f"error_check_after must be >= 1, got {self.error_check_after}")
         if self.max_actors is not None and self.max_actors < self.min_actors:
             raise ValueError(f"max_actors ({self.max_actors}) < min_actors ({self.min_actors})")
         if self.torch_threads is not None and self.torch_threads < 1:

@@ -28,7 +28,7 @@ import json
 import logging
 import posixpath
 from collections.abc import Iterator
-from dataclasses import asdict, astuple, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import fsspec
 
@@ -51,9 +51,24 @@ class WriteCounts:
     # Input rows dropped because another row named the same image (same image_id): a
     # manifest that repeats a URI, or overlapping --input prefixes. Not images rows.
     duplicates: int = 0
+    # Error images by error code, and for each code its smallest URI (an example that does
+    # not depend on which task wrote what). Markers written before these existed lack them.
+    errors: dict[str, int] = field(default_factory=dict)
+    error_examples: dict[str, str] = field(default_factory=dict)
 
     def __add__(self, other: WriteCounts) -> WriteCounts:
-        return WriteCounts(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+        numbers = {
+            f.name: getattr(self, f.name) + getattr(other, f.name)
+            for f in fields(self)
+            if f.type in (int, "int")
+        }
+        errors = dict(self.errors)
+        for code, n in other.errors.items():
+            errors[code] = errors.get(code, 0) + n
+        examples = dict(self.error_examples)
+        for code, uri in other.error_examples.items():
+            examples[code] = min(uri, examples.get(code, uri))
+        return WriteCounts(**numbers, errors=errors, error_examples=examples)
 
 
 @dataclass

@@ -46,6 +46,7 @@ from ray.data.datasource import Datasink, WriteResult
 from segpipe.config import MAX_FILE_BYTES, RunConfig
 from segpipe.io import arrow_filesystem, redact
 from segpipe.job import runs
+from segpipe.job.budget import ErrorWatch
 from segpipe.job.commit import WriteCounts
 from segpipe.job.inputs import (
     csv_convert_options,
@@ -106,13 +107,33 @@ def run(cfg: RunConfig) -> RunSummary:
                 )
                 fit = (int(attempt.weights["min_size"]), int(attempt.weights["max_size"]))
                 attempt.timeline.mark("plan_started")
-                _build(attempt.cfg, plan, fit, attempt.done_files).write_datasink(
-                    sink, ray_remote_args={"num_cpus": LIGHT_TASK_CPUS}
-                )
+                dataset = _build(attempt.cfg, plan, fit, attempt.done_files)
+                _write_within_budget(dataset, sink, attempt)
             except BaseException as exc:
                 runs.fail(attempt, exc)
                 raise
             return runs.finish(attempt, sink.totals)
+
+
+def _write_within_budget(dataset: Dataset, sink: _TablesSink, attempt: runs.Attempt) -> None:
+    """Run the plan into the sink while an :class:`ErrorWatch` reads the commit markers; if
+    it finds this attempt over the error budget it interrupts this (main) thread, which
+    stops Ray Data's execution, and the run fails with :class:`runs.ErrorRateError`."""
+    cfg = attempt.cfg
+    watch = ErrorWatch(
+        cfg.output, attempt.run_id, cfg.max_error_rate, cfg.error_check_after, attempt.prior_units
+    )
+    try:
+        with watch:
+            dataset.write_datasink(sink, ray_remote_args={"num_cpus": LIGHT_TASK_CPUS})
+    except KeyboardInterrupt:
+        if watch.stopped is None:
+            raise  # the user's Ctrl-C
+        raise runs.ErrorRateError(
+            f"run {attempt.run_id} stopped early: {watch.stopped}. What was committed stays; "
+            f"fix the cause, then `--resume --run-id {attempt.run_id}` goes on (or raise "
+            "--max-error-rate)"
+        ) from None
 
 
 class _RayStart:

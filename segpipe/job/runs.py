@@ -29,6 +29,7 @@ from typing import Any
 from segpipe import layout
 from segpipe.config import RunConfig
 from segpipe.io import absolute, atomic_write, fs_root, is_local, redact
+from segpipe.job.budget import over_budget
 from segpipe.job.commit import WriteCounts, delete_run, recover, units
 from segpipe.job.inputs import check_manifest, list_images, write_listing
 from segpipe.job.record import now, public_config, read_record, versions, write_record
@@ -44,13 +45,23 @@ class OutputError(ValueError):
     """The output location cannot take this run."""
 
 
-class IncompleteRunError(RuntimeError):
-    """The run ended without an ``images`` row for every listed image: its record says
-    failed, what it committed stays committed, and ``--resume`` can finish it."""
+class RunFailedError(RuntimeError):
+    """The run ended, or was stopped, as failed: its record says so, what it committed stays
+    committed, and ``--resume`` goes on from there. ``summary``: the counts, when it ran to
+    its end."""
 
-    def __init__(self, message: str, summary: RunSummary) -> None:
+    def __init__(self, message: str, summary: RunSummary | None = None) -> None:
         super().__init__(message)
         self.summary = summary
+
+
+class IncompleteRunError(RunFailedError):
+    """The run ended without an ``images`` row for every listed image."""
+
+
+class ErrorRateError(RunFailedError):
+    """The run's share of error images was above ``--max-error-rate`` (segpipe/job/budget.py):
+    at its end, or (stopped early) in the units the attempt had committed."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,9 @@ class RunSummary:
     # and the rate from the first batch into the model to the end: the steady state.
     startup_s: float | None = None
     steady_images_per_s: float | None = None
+    # Error images by error code, and an example URI of each (WriteCounts').
+    errors: dict[str, int] = field(default_factory=dict)
+    error_examples: dict[str, str] = field(default_factory=dict)
 
     @property
     def images_per_s(self) -> float:
@@ -79,9 +93,11 @@ class RunSummary:
     def describe(self) -> str:
         earlier = f", {self.resumed} of them from earlier attempts" if self.resumed else ""
         dropped = f", {self.duplicates} duplicate input rows dropped" if self.duplicates else ""
+        ranked = sorted(self.errors.items(), key=lambda kv: (-kv[1], kv[0]))
+        codes = f": {', '.join(f'{c} {n}' for c, n in ranked)}" if ranked else ""
         return (
             f"run {self.run_id}: {self.images} images ({self.images_ok} ok, "
-            f"{self.images_error} error{earlier}){dropped}, {self.instances} instances, "
+            f"{self.images_error} error{codes}{earlier}){dropped}, {self.instances} instances, "
             f"{self.files} files in {self.seconds:.1f} s ({self.images_per_s:.2f} images/s"
             f"{self._steady()}) -> {redact(self.output)}"
         )
@@ -107,6 +123,7 @@ class Attempt:
     started: float = field(default_factory=time.monotonic)
     record: dict[str, Any] = field(default_factory=dict)
     prior: WriteCounts = field(default_factory=WriteCounts)
+    prior_units: set[str] = field(default_factory=set)  # stems committed by earlier attempts
     done_files: list[str] = field(default_factory=list)  # committed images files to skip
     listed: int | None = None
     timeline: Timeline = field(default_factory=Timeline)
@@ -188,6 +205,7 @@ def begin(attempt: Attempt) -> None:
     recover(cfg.output, attempt.run_id)
     committed = list(units(cfg.output, attempt.run_id))  # one small marker per unit
     attempt.prior = sum((u.counts for u in committed), WriteCounts())
+    attempt.prior_units = {u.stem for u in committed}
     if committed:
         log.info(
             "resuming run %s: %d images in %d committed units are skipped",
@@ -267,6 +285,16 @@ def finish(attempt: Attempt, written: WriteCounts) -> RunSummary:
         raise IncompleteRunError(
             f"run {attempt.run_id} failed: {error}; its committed rows stay, and "
             f"`--resume --run-id {attempt.run_id}` finishes it once the cause is fixed",
+            summary,
+        )
+    over = over_budget(counts, attempt.cfg.max_error_rate)
+    if over is not None:
+        attempt.record.update(status="failed", error=f"{ErrorRateError.__name__}: {over}")
+        attempt.save()
+        raise ErrorRateError(
+            f"run {attempt.run_id} failed: {over}. Its rows stay committed (the error rows "
+            "say what went wrong with each image); to redo them once the cause is fixed, run "
+            "again with --overwrite",
             summary,
         )
     attempt.save()

@@ -28,6 +28,7 @@ Columns between steps:
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -258,6 +259,7 @@ class Segment:
             )
             by_row: dict[int, Detections] = dict(zip(ok, detections, strict=True))
         except Exception as exc:
+            _exit_if_device_broken(exc)
             log.warning(
                 "the model failed on a batch of %d images (%s: %s); running them one by one",
                 len(ok),
@@ -275,9 +277,39 @@ class Segment:
             try:
                 by_row[i] = self.segmenter([batch["pixels"][i]], [_size(batch, i)])[0]
             except Exception as exc:
+                _exit_if_device_broken(exc)
                 status[i], code[i] = STATUS_ERROR, MODEL_ERROR
                 error[i] = f"the model failed on this image: {type(exc).__name__}: {exc}"[:1000]
         return by_row, {**batch, "status": status, "error_code": code, "error": error}
+
+
+# The exit status of a model actor that ends itself because its device is broken.
+DEVICE_BROKEN_EXIT = 75
+
+
+def device_broken(exc: BaseException) -> bool:
+    """Whether ``exc`` says the actor's device is unusable from now on, not that one image
+    was bad: a CUDA (accelerator) error such as an illegal memory access or a device-side
+    assert. CUDA errors are sticky: every later call in the process fails the same way.
+    Out-of-memory is not among them (it is about the batch; the actor retries one by one)."""
+    import torch  # the model actor has it imported already
+
+    return isinstance(exc, torch.AcceleratorError) or "CUDA error:" in str(exc)
+
+
+def _exit_if_device_broken(exc: BaseException) -> None:
+    """End the model actor's process if its device is broken, rather than turn every later
+    image into a ``model_error`` row: Ray then starts a new actor (a new CUDA context) and
+    gives the batch to it, as it does for an actor that was killed."""
+    if device_broken(exc):
+        log.critical(
+            "the model actor's device is broken (%s: %s); ending this actor so that Ray "
+            "replaces it",
+            type(exc).__name__,
+            str(exc)[:300],
+        )
+        logging.shutdown()
+        os._exit(DEVICE_BROKEN_EXIT)
 
 
 def image_rows(

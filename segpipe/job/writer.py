@@ -135,6 +135,7 @@ def write_rows(
             )
         unit.files[name] = sorted(p[len(staged_root) + 1 :] for p in paths)
     ok = int(pc.sum(pc.equal(images.column("status"), STATUS_OK)).as_py() or 0)
+    errors, examples = error_counts(images)
     unit.counts = WriteCounts(
         images=images.num_rows,
         images_ok=ok,
@@ -142,9 +143,24 @@ def write_rows(
         instances=instances.num_rows,
         files=sum(len(f) for f in unit.files.values()),
         duplicates=duplicates,
+        errors=errors,
+        error_examples=examples,
     )
     commit_unit(output, unit)
     return unit.counts
+
+
+def error_counts(images: pa.Table) -> tuple[dict[str, int], dict[str, str]]:
+    """The error rows of an ``images`` table by error code, and each code's smallest URI."""
+    failed = images.filter(pc.not_equal(images.column("status"), STATUS_OK))
+    if failed.num_rows == 0:
+        return {}, {}
+    codes = failed.column("error_code").fill_null("")
+    table = pa.table({"code": codes, "uri": failed.column("uri")})
+    grouped = table.group_by("code").aggregate([("uri", "count"), ("uri", "min")])
+    counts = dict(zip(grouped["code"].to_pylist(), grouped["uri_count"].to_pylist(), strict=True))
+    examples = dict(zip(grouped["code"].to_pylist(), grouped["uri_min"].to_pylist(), strict=True))
+    return counts, examples
 
 
 def file_pieces(table: pa.Table, sort_keys: Sequence[str], max_bytes: int) -> Iterator[pa.Table]:
