@@ -252,9 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """0: the run succeeded. 1: it ran but ended failed without an images row for every
-    listed image (what it committed stays, ``--resume`` finishes it). Refusals and bad
-    settings are 2, in :func:`main`."""
+    """0: the run succeeded. 1: it ran but ended failed or was stopped (short of its
+    listing, or over the error budget; what it committed stays, ``--resume`` goes on).
+    Refusals and bad settings are 2, in :func:`main`."""
     cfg = run_config(args)
     from segpipe.job.pipeline import run
     from segpipe.job.runs import RunFailedError

@@ -361,6 +361,15 @@ class RunConfig:
             group=SCALE_GROUP,
         ),
     )
+    # On a cluster of several nodes, local paths are refused unless they are shared.
+    local_paths_shared: bool = field(
+        default=False,
+        metadata=flag(
+            "the local paths given (inputs, manifest, output, weights, categories) are on a "
+            "disk every node mounts at the same place (NFS, a FUSE mount); without it a "
+            "cluster of several nodes refuses them"
+        ),
+    )
     # The error budget (segpipe/job/budget.py): a run mostly of error rows fails.
     max_error_rate: float = field(
         default=0.5,

@@ -44,12 +44,14 @@ def wait_for(check: object, timeout: float, what: str) -> None:
     raise TimeoutError(f"timed out waiting for {what}")
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
-    """A two-node Ray cluster on loopback; yields the dashboard address and the client env.
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
+    """A two-node Ray cluster on loopback, shared by this module's tests; yields the dashboard
+    address and the client env (whose RAY_GCS_ADDRESS names the cluster for a driver).
 
     Both `ray start --block` processes are stopped (with everything they started) at the end.
     """
+    tmp_path = tmp_path_factory.mktemp("cluster")
     gcs_port, dashboard_port = free_port(), free_port()
     # Token authentication is on by default; clients send the token only in "token" mode.
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", PYTHONUNBUFFERED="1")
@@ -84,7 +86,7 @@ def cluster(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
             procs.append(subprocess.Popen(worker, env=env, stdout=log, stderr=log))
             gcs = f"127.0.0.1:{gcs_port}"
             wait_for(lambda: _gpus(gcs, env) >= 1, 120, "the GPU worker to join")
-            yield address, env
+            yield address, dict(env, RAY_GCS_ADDRESS=gcs)
         finally:
             for proc in reversed(procs):  # the worker first, while its head still answers
                 stop_process(proc, timeout=60)
@@ -128,6 +130,8 @@ def test_job_submitted_to_a_cluster_with_a_gpu_worker(
         "--input", str(inputs), "--output", str(output), "--run-id", "cluster",
         "--weights", str(random_checkpoint), "--min-size", "96", "--max-size", "160",
         "--max-detections", "5", "--batch-size", "1",
+        # Both nodes run on this machine: its disk is shared by construction.
+        "--local-paths-shared",
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -148,3 +152,25 @@ def test_job_submitted_to_a_cluster_with_a_gpu_worker(
     assert con.execute("SELECT count(*) FROM images").fetchone() == (4,)
     zero = con.execute("SELECT error_code FROM images WHERE uri LIKE '%zero.jpg'").fetchone()
     assert zero == ("empty",)
+
+
+def test_a_cluster_of_two_nodes_refuses_local_paths(
+    cluster: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    """Without --local-paths-shared, a driver joining a two-node cluster refuses a local
+    output before it lists or writes anything, naming the path and the fix."""
+    _, env = cluster
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    sample_image(70, (64, 48)).save(inputs / "a.png")
+    output = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "segpipe.cli", "run", "--input", str(inputs),
+        "--output", str(output), "--run-id", "local", "--weights", "shapes",
+    ]  # fmt: skip
+    driver_env = dict(env, RAY_ADDRESS=env["RAY_GCS_ADDRESS"])
+    result = subprocess.run(command, env=driver_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert f"--input {inputs} is a local path, and this Ray cluster has 2 nodes" in result.stderr
+    assert "--local-paths-shared" in result.stderr
+    assert not (output / "_runs" / "local.json").exists()  # nothing of the run was written

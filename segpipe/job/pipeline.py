@@ -44,7 +44,7 @@ from ray.data.context import ShuffleStrategy
 from ray.data.datasource import Datasink, WriteResult
 
 from segpipe.config import MAX_FILE_BYTES, RunConfig
-from segpipe.io import arrow_filesystem, redact
+from segpipe.io import arrow_filesystem, fs_root, is_local, redact
 from segpipe.job import runs
 from segpipe.job.budget import ErrorWatch
 from segpipe.job.commit import WriteCounts
@@ -92,6 +92,11 @@ def run(cfg: RunConfig) -> RunSummary:
         attempt = runs.prepare(cfg, output_checked=ray_start.begin)
         with RunLease(attempt.cfg.output, attempt.run_id):
             attempt.timeline.mark("leased")
+            if ray_start.joins_cluster:
+                # A cluster may have several nodes: see them before writing anything.
+                ray_start.wait()
+                attempt.timeline.mark("ray_started")
+                _refuse_unshared_local_paths(attempt.cfg)
             runs.begin(attempt)
             try:
                 ray_start.wait()
@@ -144,9 +149,13 @@ class _RayStart:
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ray-start")
         self._started: Future[bool] | None = None
+        self.joins_cluster = False
 
     def begin(self) -> None:
         if self._started is None:
+            # Joining a cluster (or using a runtime already up) rather than starting one of
+            # our own, which has one node.
+            self.joins_cluster = bool(os.environ.get("RAY_ADDRESS")) or ray.is_initialized()
             self._started = self._pool.submit(_init_ray)
 
     def wait(self) -> None:
@@ -171,6 +180,30 @@ class _RayStart:
                 ray.shutdown()
         finally:
             self._pool.shutdown()
+
+
+def _refuse_unshared_local_paths(cfg: RunConfig) -> None:
+    """On a cluster of more than one node, refuse local paths (the other nodes would not see
+    them: every image would be ``not_found``, and output files would land on whichever node
+    wrote them), unless ``cfg.local_paths_shared`` says they are on a shared mount."""
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    if nodes <= 1 or cfg.local_paths_shared:
+        return
+    named: list[tuple[str, str | None]] = [("--input", uri) for uri in cfg.inputs]
+    named += [("--manifest", cfg.manifest), ("--output", cfg.output)]
+    named += [("--weights", cfg.model.weights), ("--categories", cfg.model.categories)]
+    for what, uri in named:
+        # Torchvision weight names and the shipped `shapes` are not paths.
+        if uri is None or (what == "--weights" and "/" not in uri):
+            continue
+        fs, path = fs_root(uri)
+        if is_local(fs):
+            raise runs.OutputError(
+                f"{what} {path} is a local path, and this Ray cluster has {nodes} nodes: the "
+                "others do not see it. Use storage every node reaches (s3://, gs://, ...), or, "
+                "if it is on a disk every node mounts at the same place (NFS, a FUSE mount), "
+                "pass --local-paths-shared"
+            )
 
 
 @dataclass(frozen=True)
