@@ -21,7 +21,7 @@ from segpipe.job.commit import WriteCounts, units
 from segpipe.job.pipeline import run
 from segpipe.job.runs import ErrorRateError
 from segpipe.job.stages import DEVICE_BROKEN_EXIT, Segment
-from segpipe.job.writer import write_rows
+from segpipe.job.writer import error_counts, write_rows
 from segpipe.schema import MODEL_ERROR, STATUS_ERROR
 from tests.test_lookups import unit_rows
 from tests.test_pipeline import save_image
@@ -56,6 +56,15 @@ def test_units_count_their_errors_by_code_and_add_up(tmp_path: Path) -> None:
     # The markers carry them; markers written before they existed read as no errors.
     assert sum((u.counts for u in units(str(tmp_path), RUN)), WriteCounts()) == total
     assert WriteCounts(**json.loads('{"images": 3, "images_error": 1}')).errors == {}
+
+
+def test_error_examples_carry_no_credentials() -> None:
+    rows = with_errors(unit_rows(RUN, 2, 1, seed=7), {0: "forbidden", 1: "forbidden"})
+    secret = "https://reader:s3cr3t@images.example/a.jpg?X-Amz-Signature=abc"
+    rows = rows.set_column(2, "uri", pa.array([secret, "https://zz.example/b.jpg"]))
+    counts, examples = error_counts(rows)
+    assert counts == {"forbidden": 2}
+    assert examples == {"forbidden": "https://reader:***@images.example/a.jpg"}
 
 
 def test_over_budget_names_the_common_codes_with_an_example() -> None:

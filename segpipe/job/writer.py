@@ -33,7 +33,7 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from segpipe import layout
 from segpipe.config import MAX_FILE_BYTES
-from segpipe.io import fs_root, is_local, retrying
+from segpipe.io import fs_root, is_local, redact, retrying
 from segpipe.job.commit import Unit, WriteCounts, commit_unit, committed_unit, publish_committed
 from segpipe.job.stages import split_tables, take_copies
 from segpipe.layout import IMAGES_DIR, INSTANCES_DIR
@@ -151,16 +151,18 @@ def write_rows(
 
 
 def error_counts(images: pa.Table) -> tuple[dict[str, int], dict[str, str]]:
-    """The error rows of an ``images`` table by error code, and each code's smallest URI."""
+    """The error rows of an ``images`` table by error code, and each code's smallest URI
+    (redacted)."""
     failed = images.filter(pc.not_equal(images.column("status"), STATUS_OK))
     if failed.num_rows == 0:
         return {}, {}
-    codes = failed.column("error_code").fill_null("")
-    table = pa.table({"code": codes, "uri": failed.column("uri")})
+    table = pa.table({"code": failed.column("error_code").fill_null(""), "uri": failed["uri"]})
     grouped = table.group_by("code").aggregate([("uri", "count"), ("uri", "min")])
-    counts = dict(zip(grouped["code"].to_pylist(), grouped["uri_count"].to_pylist(), strict=True))
-    examples = dict(zip(grouped["code"].to_pylist(), grouped["uri_min"].to_pylist(), strict=True))
-    return counts, examples
+    codes = grouped["code"].to_pylist()
+    counts = dict(zip(codes, grouped["uri_count"].to_pylist(), strict=True))
+    # Markers and the run record name them: without any credentials a URI may carry.
+    uris = [redact(uri) for uri in grouped["uri_min"].to_pylist()]
+    return counts, dict(zip(codes, uris, strict=True))
 
 
 def file_pieces(table: pa.Table, sort_keys: Sequence[str], max_bytes: int) -> Iterator[pa.Table]:
