@@ -64,7 +64,7 @@ def test_error_examples_carry_no_credentials() -> None:
     rows = rows.set_column(2, "uri", pa.array([secret, "https://zz.example/b.jpg"]))
     counts, examples = error_counts(rows)
     assert counts == {"forbidden": 2}
-    assert examples == {"forbidden": "https://reader:***@images.example/a.jpg"}
+    assert examples == {"forbidden": "https://***@images.example/a.jpg"}
 
 
 def test_over_budget_names_the_common_codes_with_an_example() -> None:
