@@ -27,6 +27,7 @@ from typing import Any
 import fsspec
 
 from segpipe.config import (
+    ERRORS_GROUP,
     INPUT_GROUP,
     MODEL_GROUP,
     SCALE_GROUP,
@@ -40,7 +41,7 @@ from segpipe.layout import TABLES
 log = logging.getLogger("segpipe")
 
 # The order of `segpipe run`'s flags: by group (None: the ungrouped ones), then by field.
-_RUN_GROUPS = (INPUT_GROUP, None, MODEL_GROUP, SCALE_GROUP)
+_RUN_GROUPS = (INPUT_GROUP, None, MODEL_GROUP, SCALE_GROUP, ERRORS_GROUP)
 # Names in a run's namespace (and tolerated in its config file) that are no setting.
 _NOT_SETTINGS = {"command", "verbose", "config"}
 

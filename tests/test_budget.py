@@ -145,26 +145,15 @@ def test_a_run_that_ends_mostly_failed_fails(
     record = json.loads((out / "_runs" / "mostly-bad.json").read_text())
     assert record["status"] == "failed" and "ErrorRateError" in record["error"]
     assert record["counts"]["errors"] == {"not_found": 30}
-    # The rows stay committed, errors included; with the budget raised it is a success.
+    # The rows stay committed, errors included.
     assert sum(u.counts.images for u in units(str(out), "mostly-bad")) == 33
-    cfg = RunConfig(
-        manifest=str(manifest),
-        output=str(out),
-        run_id="mostly-bad",
-        model=TINY,
-        max_error_rate=1.0,
-        resume=True,
-    )
-    assert run(cfg).images == 33
-    record = json.loads((out / "_runs" / "mostly-bad.json").read_text())
-    assert record["status"] == "succeeded"
 
 
 def test_a_run_over_the_budget_stops_early_and_resume_goes_on(
     ray_local: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(budget, "WATCH_INTERVAL_S", 0.2)
-    missing = [tmp_path / "late" / f"{k:04d}.png" for k in range(400)]
+    missing = [tmp_path / "late" / f"{k:04d}.png" for k in range(200)]
     manifest = tmp_path / "manifest.txt"
     manifest.write_text("\n".join(p.as_uri() for p in missing) + "\n")
     cfg = RunConfig(
