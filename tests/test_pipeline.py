@@ -121,9 +121,13 @@ def test_local_folder_end_to_end(ray_local: None, tmp_path: Path, random_checkpo
     # The start-up timeline: the driver's steps and the model actors', in seconds
     # since the driver process started; the summary's steady rate starts at the first batch.
     marks = record["timeline"]
-    steps = ["prepare", "checked", "leased", "listed", "ray_started", "plan_started"]
+    steps = ["prepare", "checked", "leased", "plan_started"]
     steps += ["actor_started", "model_loaded", "first_batch_in", "first_batch_out", "finished"]
     assert sorted(steps, key=marks.__getitem__) == steps and record["timeline_actors"] >= 1
+    # Ray starts beside the checks, so it may be up before or after the listing (before it
+    # here: a runtime already up, which could be a cluster, is looked at before listing).
+    for step in ("listed", "ray_started"):
+        assert marks["leased"] <= marks[step] <= marks["plan_started"], (step, marks)
     assert summary.startup_s == marks["first_batch_out"] and summary.steady_images_per_s
     assert "start-up" in summary.describe()
 
@@ -198,6 +202,7 @@ def test_manifest_with_carried_columns(
         manifest=str(manifest),
         run_id="manifest",
         partition_by=("run_id", "label"),
+        max_error_rate=1.0,  # 3 of the 5 rows are errors on purpose
     )
     summary = run(cfg)
     assert (summary.images, summary.images_ok, summary.images_error) == (5, 2, 3)

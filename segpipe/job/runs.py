@@ -94,12 +94,12 @@ class RunSummary:
         earlier = f", {self.resumed} of them from earlier attempts" if self.resumed else ""
         dropped = f", {self.duplicates} duplicate input rows dropped" if self.duplicates else ""
         ranked = sorted(self.errors.items(), key=lambda kv: (-kv[1], kv[0]))
-        codes = f": {', '.join(f'{c} {n}' for c, n in ranked)}" if ranked else ""
+        codes = f"; errors by code: {', '.join(f'{c} {n}' for c, n in ranked)}" if ranked else ""
         return (
             f"run {self.run_id}: {self.images} images ({self.images_ok} ok, "
-            f"{self.images_error} error{codes}{earlier}){dropped}, {self.instances} instances, "
+            f"{self.images_error} error{earlier}){dropped}, {self.instances} instances, "
             f"{self.files} files in {self.seconds:.1f} s ({self.images_per_s:.2f} images/s"
-            f"{self._steady()}) -> {redact(self.output)}"
+            f"{self._steady()}) -> {redact(self.output)}{codes}"
         )
 
     def _steady(self) -> str:
