@@ -26,9 +26,8 @@ import logging
 import threading
 from types import TracebackType
 
-from segpipe import layout
-from segpipe.io import fs_root, redact, retrying
-from segpipe.job.commit import Unit, WriteCounts
+from segpipe.io import redact
+from segpipe.job.commit import WriteCounts, units
 
 log = logging.getLogger(__name__)
 
@@ -122,19 +121,7 @@ class ErrorWatch:
 
     def read_new(self) -> None:
         """Add the counts of the markers committed since the last reading."""
-        fs, root = fs_root(self.output)
-        folder = layout.commits(root, self.run_id)
-        fs.invalidate_cache(folder)
-        if not fs.exists(folder):
-            return
-        new = sorted(
-            p for p in fs.find(folder) if p.endswith(".json") and _stem(p) not in self.seen
-        )
-        if not new:
-            return
-        found = retrying(fs.cat, new)
-        for path in new:
-            unit = Unit.from_json(found[path].decode())
+        for unit in units(self.output, self.run_id, skip=self.seen):
             self.counts = self.counts + unit.counts
             self.seen.add(unit.stem)
 
@@ -146,7 +133,3 @@ class ErrorWatch:
         if reason is None:
             return None
         return f"{reason}, in the units this attempt committed so far"
-
-
-def _stem(path: str) -> str:
-    return path.rstrip("/").rsplit("/", 1)[-1].removesuffix(".json")

@@ -27,7 +27,7 @@ import contextlib
 import json
 import logging
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass, field, fields
 
 import fsspec
@@ -154,15 +154,22 @@ def move(fs: fsspec.AbstractFileSystem, source: str, target: str) -> None:
         retrying(fs.rm, source)
 
 
-def units(output: str, run_id: str, chunk: int = 1000) -> Iterator[Unit]:
+def units(
+    output: str, run_id: str, chunk: int = 1000, skip: Collection[str] = ()
+) -> Iterator[Unit]:
     """The committed units of a run, read from their markers (one small object each; read
-    ``chunk`` at a time, concurrently where the filesystem can)."""
+    ``chunk`` at a time, concurrently where the filesystem can), but for the units whose
+    stems are in ``skip`` (not read at all)."""
     fs, root = fs_root(output)
     folder = layout.commits(root, run_id)
     fs.invalidate_cache()  # listings cached earlier in this process may be stale
     if not fs.exists(folder):
         return
-    paths = sorted(p for p in fs.find(folder) if p.endswith(".json"))
+    paths = sorted(
+        p
+        for p in fs.find(folder)
+        if p.endswith(".json") and posixpath.basename(p)[: -len(".json")] not in skip
+    )
     for start in range(0, len(paths), chunk):
         found = retrying(fs.cat, paths[start : start + chunk])
         for path in paths[start : start + chunk]:
