@@ -40,7 +40,7 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 import ray
 from ray.data import ActorPoolStrategy, Dataset
 from ray.data.block import Block, BlockAccessor
-from ray.data.context import ShuffleStrategy
+from ray.data.context import DataContext, ShuffleStrategy
 from ray.data.datasource import Datasink, WriteResult
 
 from segpipe.config import MAX_FILE_BYTES, RunConfig
@@ -241,6 +241,12 @@ def _build(
     # The manifest's column types, read once here (a Parquet footer, a CSV's first block).
     schema = manifest_schema(cfg.manifest) if cfg.manifest else None
     extras = extras_schema(schema, cfg.uri_column)
+    # Ray Data's Parquet reader V2 (its default) reads the footers of the files it lists on a
+    # pool of up to 32 actors, one process each, for every read_parquet: the listing's few
+    # shards, resume's committed files, a Parquet manifest. On a small node their start cost
+    # more CPU than the job's first minute of work (the first image out of the model came
+    # ~11 s later). V1 reads a few footers on the driver and many in tasks.
+    DataContext.get_current().use_datasource_v2 = False
     ds = _read_uris(cfg, schema)
     if done_files:
         ds = _without_committed(ds, cfg, done_files)
@@ -371,6 +377,12 @@ def ray_runtime() -> Iterator[None]:
 EMBEDDED_MIN_CPUS = 4
 
 
+EMBEDDED_RAY_SYSTEM_CONFIG = {
+    "enable_worker_prestart": False,
+    "prestart_worker_first_driver": False,
+}
+
+
 def embedded_ray_cpus() -> int:
     """The CPU slots of an embedded Ray: this machine's cores, at least EMBEDDED_MIN_CPUS."""
     return max(os.cpu_count() or 1, EMBEDDED_MIN_CPUS)
@@ -386,7 +398,13 @@ def _init_ray() -> bool:
         ray.init(address=address)
     else:
         log.info("RAY_ADDRESS is not set: starting an embedded local Ray")
-        ray.init(include_dashboard=False, num_cpus=embedded_ray_cpus())
+        # No idle workers started ahead of need: on a small node their imports compete with
+        # the model actor's (the first image out of the model came ~2 s later with them).
+        ray.init(
+            include_dashboard=False,
+            num_cpus=embedded_ray_cpus(),
+            _system_config=EMBEDDED_RAY_SYSTEM_CONFIG,
+        )
     return True
 
 
