@@ -88,6 +88,12 @@ def comma_separated(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+# Checkpoints shipped inside the package (``segpipe/<path>``), by the name ``--weights``
+# takes. Here rather than with the model code so that the driver can tell a name from a
+# path without importing torch.
+SHIPPED_WEIGHTS = {"shapes": "weights/shapes.pt"}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """How to build the detector.

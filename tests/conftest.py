@@ -9,6 +9,7 @@ import pytest
 import torch
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 
+from segpipe.core.fingerprints import CACHE_ENV
 from segpipe.tools.s3local import loopback_s3_env
 
 FAKE_KEY_ID = "segpipe-test-key-id"
@@ -26,6 +27,22 @@ def run_isolated(argv: Sequence[str], timeout: int = 600) -> subprocess.Complete
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fingerprint_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """This session's own cache of checked weights (:mod:`segpipe.core.fingerprints`), in the
+    environment the job runs and their child processes inherit: the first run fills it."""
+    before = os.environ.get(CACHE_ENV)
+    path = tmp_path_factory.mktemp("segpipe-cache")
+    os.environ[CACHE_ENV] = str(path)
+    try:
+        yield path
+    finally:
+        if before is None:
+            os.environ.pop(CACHE_ENV, None)
+        else:
+            os.environ[CACHE_ENV] = before
 
 
 @pytest.fixture(scope="session")
@@ -58,10 +75,13 @@ def ray_local(s3_endpoint: str) -> Iterator[None]:
     gives an embedded Ray (segpipe.job.pipeline.embedded_ray_cpus)."""
     import ray
 
-    from segpipe.job.pipeline import embedded_ray_cpus
+    from segpipe.job.pipeline import EMBEDDED_RAY_SYSTEM_CONFIG, embedded_ray_cpus
 
     ray.init(
-        num_cpus=embedded_ray_cpus(), include_dashboard=False, object_store_memory=1_500_000_000
+        num_cpus=embedded_ray_cpus(),
+        include_dashboard=False,
+        object_store_memory=1_500_000_000,
+        _system_config=EMBEDDED_RAY_SYSTEM_CONFIG,
     )
     try:
         yield

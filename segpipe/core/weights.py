@@ -26,7 +26,7 @@ from torch import nn
 from torchvision.models.detection import mask_rcnn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from segpipe.config import ModelConfig
+from segpipe.config import SHIPPED_WEIGHTS, ModelConfig
 from segpipe.core import tiny
 from segpipe.io import read_bytes, redact, sha256_hex
 
@@ -39,8 +39,6 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
 }
 DEFAULT_ARCH = "maskrcnn_resnet50_fpn"
 DEFAULT_MIN_SIZE, DEFAULT_MAX_SIZE = 800, 1333  # torchvision's defaults
-# Checkpoints shipped inside the package, by the name ``--weights`` takes.
-SHIPPED_WEIGHTS = {"shapes": "weights/shapes.pt"}
 _WEIGHTS_ENUMS: dict[str, Any] = {
     "maskrcnn_resnet50_fpn": mask_rcnn.MaskRCNN_ResNet50_FPN_Weights,
     "maskrcnn_resnet50_fpn_v2": mask_rcnn.MaskRCNN_ResNet50_FPN_V2_Weights,

@@ -27,7 +27,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from segpipe import layout
-from segpipe.config import RunConfig
+from segpipe.config import SHIPPED_WEIGHTS, RunConfig
+from segpipe.core.fingerprints import checked_fingerprint
 from segpipe.io import absolute, atomic_write, fs_root, is_local, redact
 from segpipe.job.budget import over_budget
 from segpipe.job.commit import WriteCounts, delete_run, recover, units
@@ -158,11 +159,9 @@ def prepare(cfg: RunConfig, output_checked: Callable[[], None] | None = None) ->
     previous = check_output(cfg, named)
     if output_checked is not None:
         output_checked()
-    # The model module (torch, torchvision: ~450 MB and seconds to import) is imported here,
-    # on the driver only: CPU workers unpickle the job's steps and must not load torch.
-    from segpipe.core.weights import fingerprint_weights
-
-    weights = fingerprint_weights(cfg.model)
+    # Checking the weights imports torch and torchvision (seconds of CPU, while Ray starts)
+    # unless this machine has checked the same weights before.
+    weights = checked_fingerprint(cfg.model)
     extras = check_manifest(cfg.manifest, cfg.uri_column) if cfg.manifest else []
     if previous is not None and cfg.resume:
         check_same_settings(cfg, weights, previous)
@@ -417,8 +416,6 @@ def _dig(data: dict[str, Any], path: tuple[str, ...]) -> Any:
 
 def resolved(cfg: RunConfig) -> RunConfig:
     """Fill in the run id and make local paths absolute (workers may run elsewhere)."""
-    from segpipe.core.weights import SHIPPED_WEIGHTS
-
     model = cfg.model
     if model.weights not in SHIPPED_WEIGHTS and os.path.exists(model.weights):
         model = replace(model, weights=absolute(model.weights))

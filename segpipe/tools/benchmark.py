@@ -53,6 +53,7 @@ import pyarrow as pa
 from segpipe.config import BenchConfig, ModelConfig
 from segpipe.core.decode import DecodedImage, decode_image, model_input_size
 from segpipe.core.detections import Detections
+from segpipe.core.fingerprints import checked_fingerprint
 from segpipe.schema import image_id
 from segpipe.tools.samples import sample_image
 
@@ -347,9 +348,7 @@ def model_sizes(cfg: BenchConfig) -> tuple[int, int]:
     recorded transform, else 800/1333), each capped at the image's side, so that the model
     never enlarges an image (its scale is min(1, the weights' scale)): a 640x480 image is
     run at 640x480, a 4000x3000 one at 1066x800."""
-    from segpipe.core.weights import fingerprint_weights
-
-    found = fingerprint_weights(ModelConfig(arch=cfg.arch, weights=cfg.weights))
+    found = checked_fingerprint(ModelConfig(arch=cfg.arch, weights=cfg.weights))
     short, long = min(cfg.width, cfg.height), max(cfg.width, cfg.height)
     return min(int(found["min_size"]), short), min(int(found["max_size"]), long)
 
