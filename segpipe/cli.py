@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
             help="segment images into Parquet tables (Ray Data job)",
             epilog="exit status: 0 the run succeeded; 1 it ended failed or was stopped (short "
             "of its listing, or over --max-error-rate; its record under _runs/ says why; what "
-            "it committed stays, and --resume goes on); 2 an error told in one line (bad "
-            "settings, an output that cannot take the run)",
+            "it committed stays, and --resume goes on), or another driver took the run over; "
+            "2 an error told in one line (bad settings, an output that cannot take the run)",
         )
     )
     _query_flags(sub.add_parser("query", help="run SQL over an output with DuckDB"))
@@ -257,6 +257,7 @@ def run_command(args: argparse.Namespace) -> int:
     listing, or over the error budget; what it committed stays, ``--resume`` goes on).
     Refusals and bad settings are 2, in :func:`main`."""
     cfg = run_config(args)
+    from segpipe.job.lease import LeaseLostError
     from segpipe.job.pipeline import run
     from segpipe.job.runs import RunFailedError
 
@@ -265,6 +266,9 @@ def run_command(args: argparse.Namespace) -> int:
     except RunFailedError as exc:
         if exc.summary is not None:
             print(exc.summary.describe(), file=sys.stderr)
+        print(f"segpipe: error: {exc}", file=sys.stderr)
+        return 1
+    except LeaseLostError as exc:
         print(f"segpipe: error: {exc}", file=sys.stderr)
         return 1
     print(summary.describe())

@@ -376,6 +376,16 @@ class RunConfig:
             "cluster of several nodes refuses them"
         ),
     )
+    # The run's lease (segpipe/job/lease.py): one driver per run at a time.
+    lease_ttl: float = field(
+        default=90.0,
+        metadata=flag(
+            "seconds a driver's lease on its run lasts unrenewed (it renews every TTL/4.5): "
+            "then another driver may take the run over, and this one stops without "
+            "committing more",
+            metavar="SECONDS",
+        ),
+    )
     # The error budget (segpipe/job/budget.py): a run mostly of error rows fails.
     max_error_rate: float = field(
         default=0.5,
@@ -429,6 +439,8 @@ class RunConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_file_bytes < 1:
             raise ValueError(f"max_file_bytes must be >= 1, got {self.max_file_bytes}")
+        if not self.lease_ttl >= 2.0:
+            raise ValueError(f"lease_ttl must be at least 2 seconds, got {self.lease_ttl}")
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise ValueError(f"max_error_rate must be in [0, 1], got {self.max_error_rate}")
         if self.error_check_after < 1:

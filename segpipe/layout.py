@@ -6,6 +6,7 @@
     <output>/instances/<partition dirs>/part-<hash>-0.parquet   the instances table
     <output>/_runs/<run_id>.json             the run record (config, versions, counts, timings)
     <output>/_runs/<run_id>.lease.json       the lease of the driver writing the run
+    <output>/_runs/<run_id>.lease-clock      written to read the store's clock (lease ages)
     <output>/_runs/<run_id>.metrics.json     ``segpipe eval``'s COCO metrics of the run
     <output>/_runs/<run_id>.actors/<actor>.json   a model actor's start-up times (timeline)
     <output>/_commits/<run_id>/<unit>.json   a unit's commit marker (its files and counts)
@@ -44,6 +45,10 @@ def record(base: str, run_id: str) -> str:
 
 def lease(base: str, run_id: str) -> str:
     return _join(base, f"{RUNS_DIR}/{run_id}.lease.json")
+
+
+def lease_clock(base: str, run_id: str) -> str:
+    return _join(base, f"{RUNS_DIR}/{run_id}.lease-clock")
 
 
 def metrics(base: str, run_id: str) -> str:

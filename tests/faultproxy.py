@@ -5,7 +5,9 @@ and answers some of them itself, on a fixed schedule (request number ``n``):
 
 - ``reset_every``: the connection is dropped without an answer (TCP reset),
 - ``slowdown_every``: ``503 SlowDown`` (S3's throttling answer),
-- ``internal_every``: ``500 InternalError``.
+- ``internal_every``: ``500 InternalError``,
+- ``lose_answer_every``: the request reaches the server, and then the connection is dropped
+  without its answer (the client retries a request that already took effect).
 
 Per-key rules play the parts a plain server can't: keys containing ``forbidden_marker`` answer
 ``403 AccessDenied`` (a bucket policy that denies reading them), and keys containing
@@ -44,6 +46,7 @@ class FaultPlan:
     reset_every: int = 0
     slowdown_every: int = 0
     internal_every: int = 0
+    lose_answer_every: int = 0
     forbidden_marker: str = "forbidden"
     vanish_marker: str = "vanishing"
     enabled: bool = True
@@ -106,6 +109,7 @@ class FaultProxy:
             ("reset", plan.reset_every),
             ("slowdown", plan.slowdown_every),
             ("internal", plan.internal_every),
+            ("lose_answer", plan.lose_answer_every),
         ):
             if every and n % every == 0:
                 return kind
@@ -120,10 +124,7 @@ class FaultProxy:
         fault = self._scheduled(self._next())
         if fault == "reset":
             self._count("reset")
-            h.close_connection = True
-            # SO_LINGER with a zero timeout: close() sends a TCP reset, not a FIN.
-            h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            h.connection.close()
+            self._reset(h)
             return
         if fault == "slowdown":
             self._count("slowdown")
@@ -146,6 +147,10 @@ class FaultProxy:
                 # The reader's own (unverified) credentials headers: the server wants some.
                 self._forward("DELETE", path, b"", dict(h.headers))
         status, headers, payload = self._forward(h.command, h.path, body, dict(h.headers))
+        if fault == "lose_answer":
+            self._count("lose_answer")
+            self._reset(h)
+            return
         h.send_response(status)
         for key, value in headers:
             if key.lower() not in _HOP_BY_HOP:
@@ -157,6 +162,13 @@ class FaultProxy:
         h.end_headers()
         if h.command != "HEAD":
             h.wfile.write(payload)
+
+    @staticmethod
+    def _reset(h: BaseHTTPRequestHandler) -> None:
+        h.close_connection = True
+        # SO_LINGER with a zero timeout: close() sends a TCP reset, not a FIN.
+        h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        h.connection.close()
 
     def _count(self, kind: str) -> None:
         with self._lock:

@@ -435,8 +435,13 @@ def test_commit_protocol_recovers_every_crash_point(
     def staged_only(run_id: str) -> Unit:
         """Write a unit, stopping (as a killed task would) before its commit marker."""
         seen: list[Unit] = []
+
+        def keep(output: str, unit: Unit, attempt: str | None = None) -> Unit:
+            seen.append(unit)
+            return unit
+
         with monkeypatch.context() as patch:
-            patch.setattr(writer, "commit_unit", lambda out, u: seen.append(u))
+            patch.setattr(writer, "commit_unit", keep)
             write_rows(unit_rows(run_id, 2), str(output), partition_by=["run_id"])  # type: ignore[arg-type]
         return seen[0]
 

@@ -12,6 +12,13 @@ Steps, for unit ``S`` of run ``R`` under ``<output>``::
     3. publish  move each staged images file to <output>/images/..., then the instances files
     4. clean    delete <output>/_staging/R/S/
 
+The marker is written create-only (:mod:`segpipe.job.conditional`), after the write task has
+checked that its attempt still holds the run's lease (:func:`segpipe.job.lease.check_holder`):
+of two writers of one unit the store lets exactly one commit, and a driver that lost its
+lease commits nothing more. Recovery claims an uncommitted unit the same way, by writing a
+*discard* marker create-only before it deletes the staging: a writer that had passed its
+checks then finds the marker taken and fails, instead of committing files that are gone.
+
 Readers (DuckDB, Spark, Athena, Trino) read only ``images/`` and ``instances/``, so they never
 see a staged file, however partial. A file appears in a table in one step: a rename on a local
 disk, a server-side copy on S3 (an object becomes visible only once whole; S3 has no rename,
@@ -33,7 +40,9 @@ from dataclasses import asdict, dataclass, field, fields
 import fsspec
 
 from segpipe import layout
-from segpipe.io import atomic_write, fs_root, is_local, redact, retrying
+from segpipe.io import fs_root, is_local, redact, retrying
+from segpipe.job.conditional import create_only
+from segpipe.job.lease import LeaseLostError, check_holder
 from segpipe.layout import TABLES
 
 log = logging.getLogger(__name__)
@@ -89,15 +98,38 @@ class Unit:
         return cls(data["run_id"], data["stem"], data["files"], WriteCounts(**data["counts"]))
 
 
-def commit_unit(output: str, unit: Unit) -> None:
-    """Steps 2-4 for a unit whose files are staged under :func:`staging_root`."""
+DISCARDED = "discarded"  # the key of a discard marker
+
+
+def discarded(text: str) -> bool:
+    """Whether a marker's text is a discard marker (recovery's claim on an uncommitted unit)."""
+    return bool(json.loads(text).get(DISCARDED))
+
+
+def commit_unit(output: str, unit: Unit, attempt: str | None = None) -> Unit:
+    """Steps 2-4 for a unit whose files are staged under :func:`staging_root`; returns the
+    unit that is committed (another try's, if one committed this unit first). ``attempt``:
+    the attempt that must still hold the run's lease (None: no lease, as in unit tests)."""
     fs, root = fs_root(output)
-    present = _staged_files(fs, root, unit)
+    staged = _staged_files(fs, root, unit)
     for rel in (r for table in TABLES for r in unit.files.get(table, [])):
-        if rel not in present:  # a recovery discarded this staging
+        if rel not in staged:  # a recovery discarded this staging
             raise RuntimeError(f"unit {unit.stem} of run {unit.run_id}: staged {rel} is gone")
-    atomic_write(fs, layout.marker(root, unit.run_id, unit.stem), unit.to_json())
-    publish(fs, root, unit, present)
+    if attempt is not None:
+        check_holder(output, unit.run_id, attempt)
+    path = layout.marker(root, unit.run_id, unit.stem)
+    if not create_only(fs, path, unit.to_json()):
+        text = retrying(fs.cat_file, path).decode()
+        if discarded(text):
+            raise LeaseLostError(
+                f"unit {unit.stem} of run {unit.run_id} was discarded by a newer attempt's "
+                "recovery; not committing it"
+            )
+        first = Unit.from_json(text)  # ours, if a retried request landed twice
+        publish(fs, root, first)
+        return first
+    publish(fs, root, unit, staged)
+    return unit
 
 
 def committed_unit(output: str, run_id: str, stem: str) -> Unit | None:
@@ -105,9 +137,10 @@ def committed_unit(output: str, run_id: str, stem: str) -> Unit | None:
     fs, root = fs_root(output)
     path = layout.marker(root, run_id, stem)
     try:
-        return Unit.from_json(retrying(fs.cat_file, path).decode())
+        text = retrying(fs.cat_file, path).decode()
     except FileNotFoundError:
         return None
+    return None if discarded(text) else Unit.from_json(text)
 
 
 def publish_committed(output: str, unit: Unit) -> None:
@@ -173,7 +206,9 @@ def units(
     for start in range(0, len(paths), chunk):
         found = retrying(fs.cat, paths[start : start + chunk])
         for path in paths[start : start + chunk]:
-            yield Unit.from_json(found[path].decode())
+            text = found[path].decode()
+            if not discarded(text):
+                yield Unit.from_json(text)
 
 
 def recover(output: str, run_id: str) -> tuple[int, int]:
@@ -181,28 +216,34 @@ def recover(output: str, run_id: str) -> tuple[int, int]:
     uncommitted ones. Returns (units finished, units discarded)."""
     fs, root = fs_root(output)
     folder = layout.staging(root, run_id)
-    finished = discarded = 0
+    finished = dropped = 0
     fs.invalidate_cache()
     if not fs.exists(folder):
         return 0, 0
     for staged in sorted(fs.ls(folder, detail=False)):
         stem = posixpath.basename(staged.rstrip("/"))
         marker = layout.marker(root, run_id, stem)
-        if fs.exists(marker):
-            publish(fs, root, Unit.from_json(fs.cat_file(marker).decode()))
-            finished += 1
-        else:
-            fs.rm(staged, recursive=True)
-            discarded += 1
-    if finished or discarded:
+        claim = json.dumps({DISCARDED: True, "run_id": run_id, "stem": stem})
+        # A writer may be between its checks and its marker: whichever marker the store
+        # takes first decides. Ours (discard) makes its commit fail; its own gets published.
+        if not create_only(fs, marker, claim):
+            text = retrying(fs.cat_file, marker).decode()
+            if not discarded(text):
+                publish(fs, root, Unit.from_json(text))
+                finished += 1
+                continue
+        with contextlib.suppress(FileNotFoundError):
+            retrying(fs.rm, staged, recursive=True)
+        dropped += 1
+    if finished or dropped:
         log.info(
             "recovered run %s in %s: %d committed units published, %d uncommitted discarded",
             run_id,
             redact(output),
             finished,
-            discarded,
+            dropped,
         )
-    return finished, discarded
+    return finished, dropped
 
 
 def delete_run(output: str, run_id: str, extra: list[str]) -> None:

@@ -55,7 +55,7 @@ from segpipe.job.inputs import (
     manifest_schema,
     prepare_manifest_batch,
 )
-from segpipe.job.lease import RunLease
+from segpipe.job.lease import LeaseLostError, RunLease
 from segpipe.job.runs import RunSummary
 from segpipe.job.stages import (
     Segment,
@@ -90,7 +90,8 @@ def run(cfg: RunConfig) -> RunSummary:
     """
     with _RayStart() as ray_start:
         attempt = runs.prepare(cfg, output_checked=ray_start.begin)
-        with RunLease(attempt.cfg.output, attempt.run_id):
+        ttl = attempt.cfg.lease_ttl
+        with RunLease(attempt.cfg.output, attempt.run_id, ttl, ttl / 4.5) as lease:
             attempt.timeline.mark("leased")
             if ray_start.joins_cluster:
                 # A cluster may have several nodes: see them before writing anything.
@@ -109,21 +110,54 @@ def run(cfg: RunConfig) -> RunSummary:
                     attempt.cfg.partition_by,
                     attempt.cfg.images_per_file,
                     attempt.cfg.max_file_bytes,
+                    lease.attempt,
                 )
                 fit = (int(attempt.weights["min_size"]), int(attempt.weights["max_size"]))
                 attempt.timeline.mark("plan_started")
                 dataset = _build(attempt.cfg, plan, fit, attempt.done_files)
-                _write_within_budget(dataset, sink, attempt)
+                _write_within_budget(dataset, sink, attempt, lease)
+                lease.check()
             except BaseException as exc:
+                lost = _lost_lease(lease, exc)
+                if lost is not None:
+                    # The run is another driver's now: its record is not ours to write.
+                    raise LeaseLostError(lost) from None
                 runs.fail(attempt, exc)
                 raise
             return runs.finish(attempt, sink.totals)
 
 
-def _write_within_budget(dataset: Dataset, sink: _TablesSink, attempt: runs.Attempt) -> None:
+def _lost_lease(lease: RunLease, exc: BaseException) -> str | None:
+    """Why this driver no longer holds its run, if it does not, ``exc`` having stopped it:
+    the heartbeat found the lease lost; or ``exc`` is, or was raised from, a write task's
+    :class:`LeaseLostError` (Ray re-raises it on the driver); or the lease, checked now, is
+    overdue or another attempt's."""
+    if lease.lost is not None:
+        return lease.lost
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            break
+        if isinstance(seen, LeaseLostError):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    try:
+        lease.check()
+    except LeaseLostError as gone:
+        return str(gone)
+    except Exception:  # the store unreachable: the error that stopped the run tells more
+        log.warning("could not read the lease of run %s", lease.run_id)
+    return None
+
+
+def _write_within_budget(
+    dataset: Dataset, sink: _TablesSink, attempt: runs.Attempt, lease: RunLease
+) -> None:
     """Run the plan into the sink while an :class:`ErrorWatch` reads the commit markers; if
     it finds this attempt over the error budget it interrupts this (main) thread, which
-    stops Ray Data's execution, and the run fails with :class:`runs.ErrorRateError`."""
+    stops Ray Data's execution, and the run fails with :class:`runs.ErrorRateError`. The
+    lease's heartbeat interrupts it the same way when the lease is lost
+    (:class:`LeaseLostError`)."""
     cfg = attempt.cfg
     watch = ErrorWatch(
         cfg.output, attempt.run_id, cfg.max_error_rate, cfg.error_check_after, attempt.prior_units
@@ -132,6 +166,7 @@ def _write_within_budget(dataset: Dataset, sink: _TablesSink, attempt: runs.Atte
         with watch:
             dataset.write_datasink(sink, ray_remote_args={"num_cpus": LIGHT_TASK_CPUS})
     except KeyboardInterrupt:
+        lease.check()
         if watch.stopped is None:
             raise  # the user's Ctrl-C
         raise runs.ErrorRateError(
@@ -417,11 +452,13 @@ class _TablesSink(Datasink[WriteCounts]):
         partition_by: Iterable[str],
         images_per_file: int,
         max_file_bytes: int = MAX_FILE_BYTES,
+        attempt: str | None = None,
     ) -> None:
         self.output = output
         self.partition_by = tuple(partition_by)
         self.images_per_file = images_per_file
         self.max_file_bytes = max_file_bytes
+        self.attempt = attempt  # the lease holder's: each commit checks it still holds it
         self.totals = WriteCounts()
 
     @property
@@ -435,7 +472,11 @@ class _TablesSink(Datasink[WriteCounts]):
             return WriteCounts()
         rows = pa.concat_tables(tables, promote_options="default")
         return write_rows(
-            rows, self.output, partition_by=self.partition_by, max_file_bytes=self.max_file_bytes
+            rows,
+            self.output,
+            partition_by=self.partition_by,
+            max_file_bytes=self.max_file_bytes,
+            attempt=self.attempt,
         )
 
     def on_write_complete(self, write_result: WriteResult[WriteCounts]) -> None:

@@ -172,6 +172,7 @@ def prepare(cfg: RunConfig, output_checked: Callable[[], None] | None = None) ->
 def begin(attempt: Attempt) -> None:
     """Under the run's lease: list, overwrite, write the record, recover, find what to skip."""
     cfg, previous = attempt.cfg, attempt.previous
+    _check_unchanged(cfg, previous)
     # Listed before anything of an old run is deleted: a wrong input fails here, harmlessly.
     attempt.listed = _listing(cfg, previous if cfg.resume else None)
     attempt.timeline.mark("listed")
@@ -213,6 +214,30 @@ def begin(attempt: Attempt) -> None:
             len(committed),
         )
     attempt.done_files = [rel for u in committed for rel in u.files[IMAGES_DIR]]
+
+
+def _check_unchanged(cfg: RunConfig, previous: dict[str, Any] | None) -> None:
+    """:func:`check_output` read the run's state before the lease was taken: under the
+    lease, make sure no other driver changed it in between (started, finished or replaced
+    the run), so that nothing is decided on a state that is gone."""
+    assert cfg.run_id is not None
+    fs, root = fs_root(cfg.output)
+    fs.invalidate_cache()
+    if previous is None:
+        changed = fs.exists(layout.record(root, cfg.run_id)) or fs.exists(
+            layout.commits(root, cfg.run_id)
+        )
+    else:
+        try:
+            current: dict[str, Any] = read_record(cfg.output, cfg.run_id)
+        except (FileNotFoundError, ValueError):
+            current = {}
+        changed = current != previous
+    if changed:
+        raise OutputError(
+            f"run {cfg.run_id} in {redact(cfg.output)} changed while this driver started "
+            "(another driver wrote it before this one took its lease); run the command again"
+        )
 
 
 def fail(attempt: Attempt, exc: BaseException) -> None:

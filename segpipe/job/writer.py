@@ -98,14 +98,18 @@ def write_rows(
     *,
     partition_by: Sequence[str],
     max_file_bytes: int = MAX_FILE_BYTES,
+    attempt: str | None = None,
 ) -> WriteCounts:
     """Write per-image rows with nested detections (``stages.image_rows``) as the two tables,
     through the commit protocol of :mod:`segpipe.job.commit` (stage, commit, publish).
 
-    The unit's name is a hash of the run id and the image ids it holds, so a retried write
-    of the same images finds the unit's commit marker and keeps that first commit. Each
-    table's rows are sorted by image id and written as files of at most ``max_file_bytes``
-    of rows (Arrow size; see :func:`file_pieces`), all named in the one commit marker.
+    The unit's name is a hash of the run id, the attempt and the image ids it holds, so a
+    retried write of the same images finds the unit's commit marker and keeps that first
+    commit, and units of two attempts never share a name. ``attempt``: the attempt that
+    writes (it must hold the run's lease when it commits; None: no lease, as in unit
+    tests). Each table's rows are sorted by image id and written as files of at most
+    ``max_file_bytes`` of rows (Arrow size; see :func:`file_pieces`), all named in the one
+    commit marker.
     """
     if rows.num_rows == 0:
         return WriteCounts()
@@ -116,7 +120,7 @@ def write_rows(
         raise ValueError(f"a unit of rows must belong to one run, got {run_ids}")
     run_id = str(run_ids[0])
     ids = images.column("image_id").to_pylist()
-    key = "\n".join([run_id, *sorted(ids)])
+    key = "\n".join([run_id, *([attempt] if attempt else []), *sorted(ids)])
     stem = "part-" + hashlib.sha256(key.encode()).hexdigest()[:20]
     done = committed_unit(output, run_id, stem)
     if done is not None:
@@ -146,8 +150,7 @@ def write_rows(
         errors=errors,
         error_examples=examples,
     )
-    commit_unit(output, unit)
-    return unit.counts
+    return commit_unit(output, unit, attempt).counts
 
 
 def error_counts(images: pa.Table) -> tuple[dict[str, int], dict[str, str]]:

@@ -466,9 +466,9 @@ class CommitWatcher:
         sampler: ProcessSampler,
         kill_at: float = 0.0,
     ) -> None:
-        from segpipe.job.commit import Unit
+        from segpipe.job.commit import Unit, discarded
 
-        self.unit_type = Unit
+        self.unit_type, self.discarded = Unit, discarded
         self.fs, root = fs_root(output)
         self.folder = layout.commits(root, run_id)
         self.total, self.interval, self.sampler = total, interval, sampler
@@ -515,7 +515,10 @@ class CommitWatcher:
         cpu = self.sampler.cpu_by_kind() if record else {}
         for path in new:
             self.seen.add(path)
-            images = self.unit_type.from_json(bodies[path].decode()).counts.images
+            text = bodies[path].decode()
+            if self.discarded(text):  # a recovery's claim on a unit it discarded
+                continue
+            images = self.unit_type.from_json(text).counts.images
             self.committed += images
             if record:
                 self.events.append(CommitEvent(t, self.committed, images, cpu))
