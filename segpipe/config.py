@@ -418,6 +418,14 @@ class RunConfig:
             exclusive="again",
         ),
     )
+    # Incremental runs over a growing input (segpipe/job/runs.py, done_in_earlier_runs).
+    skip_done: bool = field(
+        default=False,
+        metadata=flag(
+            "skip images that have an ok row in an earlier run in this output made with the "
+            "same weights and the same settings that shape the rows"
+        ),
+    )
 
     def __post_init__(self) -> None:
         if bool(self.inputs) == (self.manifest is not None):

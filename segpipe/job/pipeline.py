@@ -5,7 +5,8 @@ Plan (Ray Data, streaming end to end; no step holds the whole dataset)::
     URIs (listing shards or manifest)                       read_parquet / read_csv / read_text
       -> prepare_manifest_batch, with_image_ids             tasks: rename, strip, drop blanks,
                                                             pack extra columns, image ids
-      -> join(committed images, left_anti)                  --resume only: skip what is done
+      -> join(done image ids, left_anti)                    --resume: this run's committed;
+                                                            --skip-done: earlier runs' ok
       -> repartition(keys=image_id) -> distinct_images      one row per image, copies counted
                                                             (a manifest, or several --input)
       -> repartition(target_num_rows_per_block=load_batch)  small blocks, so decoding spreads
@@ -13,6 +14,9 @@ Plan (Ray Data, streaming end to end; no step holds the whole dataset)::
       -> Segment                                            actor pool: Mask R-CNN, GPU if any
       -> encode_rows                                        CPU tasks: mask windows -> COCO RLE
       -> _TablesSink                                        write tasks: Parquet, both tables
+
+With ``--skip-done``, a semi-join of the input's ids with the earlier runs' ok ids is
+counted first (:func:`_count_skipped`), so that the run accounts for every listed image.
 
 Each write task gets at least ``images_per_file`` images, which bounds the number of files
 to about ``images / images_per_file`` per table and partition.
@@ -63,6 +67,7 @@ from segpipe.job.stages import (
     encode_rows,
     load_batch,
     load_batch_memory,
+    ok_image_ids,
     with_image_ids,
 )
 from segpipe.job.writer import write_rows
@@ -113,8 +118,16 @@ def run(cfg: RunConfig) -> RunSummary:
                     lease.attempt,
                 )
                 fit = (int(attempt.weights["min_size"]), int(attempt.weights["max_size"]))
+                earlier = attempt.earlier.files if attempt.earlier else []
+                if attempt.earlier is not None:
+                    attempt.skipped = _count_skipped(attempt.cfg, earlier, attempt.done_files)
+                    attempt.record["skipped"] = {
+                        "images": attempt.skipped,
+                        "runs": attempt.earlier.runs,
+                    }
+                    attempt.save()
                 attempt.timeline.mark("plan_started")
-                dataset = _build(attempt.cfg, plan, fit, attempt.done_files)
+                dataset = _build(attempt.cfg, plan, fit, attempt.done_files, earlier)
                 _write_within_budget(dataset, sink, attempt, lease)
                 lease.check()
             except BaseException as exc:
@@ -269,22 +282,26 @@ def _actor_plan(cfg: RunConfig) -> ActorPlan:
 
 
 def _build(
-    cfg: RunConfig, plan: ActorPlan, fit: tuple[int, int], done_files: list[str] | None = None
+    cfg: RunConfig,
+    plan: ActorPlan,
+    fit: tuple[int, int],
+    done_files: list[str] | None = None,
+    earlier_files: list[str] | None = None,
 ) -> Dataset:
     """The plan; ``fit`` is the model transform's ``(min_size, max_size)``, which the decode
-    tasks decode large images to (unless ``cfg.decode.full_resolution``)."""
+    tasks decode large images to (unless ``cfg.decode.full_resolution``). ``done_files``:
+    this run's committed images files (``--resume``); ``earlier_files``: earlier runs'
+    (``--skip-done``, their ok images only); both relative to the output."""
     # The manifest's column types, read once here (a Parquet footer, a CSV's first block).
     schema = manifest_schema(cfg.manifest) if cfg.manifest else None
     extras = extras_schema(schema, cfg.uri_column)
-    # Ray Data's Parquet reader V2 (its default) reads the footers of the files it lists on a
-    # pool of up to 32 actors, one process each, for every read_parquet: the listing's few
-    # shards, resume's committed files, a Parquet manifest. On a small node their start cost
-    # more CPU than the job's first minute of work (the first image out of the model came
-    # ~11 s later). V1 reads a few footers on the driver and many in tasks.
-    DataContext.get_current().use_datasource_v2 = False
+    _use_parquet_v1()
     ds = _read_uris(cfg, schema)
-    if done_files:
-        ds = _without_committed(ds, cfg, done_files)
+    done = _done_ids(cfg, done_files or [], earlier_files or [])
+    if done is not None:
+        ds = ds.join(
+            done, join_type="left_anti", num_partitions=_shuffle_partitions(), on=("image_id",)
+        )
     if cfg.manifest is not None or len(cfg.inputs) > 1:
         # A listing of one input names each file once: only several inputs can overlap.
         ds = _distinct(ds)
@@ -360,17 +377,55 @@ def _shuffle_partitions() -> int:
     return int(min(64, max(4, ray.cluster_resources().get("CPU", 4))))
 
 
-def _without_committed(ds: Dataset, cfg: RunConfig, done_files: list[str]) -> Dataset:
-    """The input rows whose images have no committed ``images`` row in this run yet: an
-    anti-join on ``image_id`` against the run's committed images files (``done_files``,
-    relative to the output), hash-partitioned across the cluster (nothing gathers either
-    side's rows on the driver)."""
+def _use_parquet_v1() -> None:
+    """Ray Data's Parquet reader V2 (its default) reads the footers of the files it lists on
+    a pool of up to 32 actors, one process each, for every read_parquet: the listing's few
+    shards, resume's committed files, a Parquet manifest. On a small node their start cost
+    more CPU than the job's first minute of work (the first image out of the model came
+    ~11 s later). V1 reads a few footers on the driver and many in tasks."""
+    DataContext.get_current().use_datasource_v2 = False
+
+
+def _done_ids(cfg: RunConfig, done_files: list[str], earlier_files: list[str]) -> Dataset | None:
+    """The ``image_id`` of each image not to segment again: every image in this run's
+    committed files (``done_files``) and the ``ok`` images in earlier runs' files
+    (``earlier_files``), both relative to the output; None if there are none. The input is
+    anti-joined against it on ``image_id``, hash-partitioned across the cluster, so nothing
+    gathers either side's rows on the driver."""
     filesystem, root = arrow_filesystem(cfg.output)
-    files = [f"{root}/{rel}" for rel in done_files]
-    done = ray.data.read_parquet(files, filesystem=filesystem, columns=["image_id"])
-    return ds.join(
-        done, join_type="left_anti", num_partitions=_shuffle_partitions(), on=("image_id",)
-    )
+    parts = []
+    if done_files:
+        files = [f"{root}/{rel}" for rel in done_files]
+        parts.append(ray.data.read_parquet(files, filesystem=filesystem, columns=["image_id"]))
+    if earlier_files:
+        files = [f"{root}/{rel}" for rel in earlier_files]
+        earlier = ray.data.read_parquet(
+            files, filesystem=filesystem, columns=["image_id", "status"]
+        )
+        parts.append(earlier.map_batches(ok_image_ids, batch_format="pyarrow"))
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else parts[0].union(parts[1])
+
+
+def _count_skipped(cfg: RunConfig, earlier_files: list[str], done_files: list[str]) -> int:
+    """``--skip-done``: how many input rows have an ``ok`` row in the earlier runs' files and
+    none in this run's: the rows :func:`_build`'s anti-join will drop for the earlier runs,
+    counted before the plan by a semi-join of its own (one more pass over the input's ids,
+    no pixels), so that the run can still account for every listed image."""
+    if not earlier_files:
+        return 0
+    _use_parquet_v1()
+    schema = manifest_schema(cfg.manifest) if cfg.manifest else None
+    ds = _read_uris(cfg, schema).select_columns(["image_id"])
+    partitions = _shuffle_partitions()
+    ok = _done_ids(cfg, [], earlier_files)
+    assert ok is not None
+    ds = ds.join(ok, join_type="left_semi", num_partitions=partitions, on=("image_id",))
+    mine = _done_ids(cfg, done_files, [])
+    if mine is not None:
+        ds = ds.join(mine, join_type="left_anti", num_partitions=partitions, on=("image_id",))
+    return ds.count()
 
 
 _HASH_SHUFFLES = (ShuffleStrategy.HASH_SHUFFLE, ShuffleStrategy.SHUFFLE_V2)

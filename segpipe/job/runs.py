@@ -77,6 +77,8 @@ class RunSummary:
     duplicates: int
     seconds: float
     resumed: int = 0  # images committed by earlier attempts of the run (--resume)
+    skipped: int = 0  # input rows skipped as ok in earlier runs (--skip-done)
+    skipped_from: int = 0  # how many earlier runs --skip-done read
     # From the attempt's start (the driver process's) to the first batch out of the model,
     # and the rate from the first batch into the model to the end: the steady state.
     startup_s: float | None = None
@@ -94,6 +96,9 @@ class RunSummary:
     def describe(self) -> str:
         earlier = f", {self.resumed} of them from earlier attempts" if self.resumed else ""
         dropped = f", {self.duplicates} duplicate input rows dropped" if self.duplicates else ""
+        if self.skipped or self.skipped_from:
+            runs_ = f"{self.skipped_from} earlier run{'s' if self.skipped_from != 1 else ''}"
+            dropped += f", {self.skipped} skipped as done in {runs_}"
         ranked = sorted(self.errors.items(), key=lambda kv: (-kv[1], kv[0]))
         codes = f"; errors by code: {', '.join(f'{c} {n}' for c, n in ranked)}" if ranked else ""
         return (
@@ -126,6 +131,8 @@ class Attempt:
     prior: WriteCounts = field(default_factory=WriteCounts)
     prior_units: set[str] = field(default_factory=set)  # stems committed by earlier attempts
     done_files: list[str] = field(default_factory=list)  # committed images files to skip
+    earlier: EarlierRuns | None = None  # --skip-done: the earlier runs whose ok rows count
+    skipped: int = 0  # --skip-done: input rows skipped as done in an earlier run
     listed: int | None = None
     timeline: Timeline = field(default_factory=Timeline)
 
@@ -214,6 +221,10 @@ def begin(attempt: Attempt) -> None:
             len(committed),
         )
     attempt.done_files = [rel for u in committed for rel in u.files[IMAGES_DIR]]
+    if cfg.skip_done:
+        attempt.earlier = done_in_earlier_runs(
+            cfg, attempt.weights, str(attempt.record["first_started_at"])
+        )
 
 
 def _check_unchanged(cfg: RunConfig, previous: dict[str, Any] | None) -> None:
@@ -284,6 +295,8 @@ def finish(attempt: Attempt, written: WriteCounts) -> RunSummary:
         **asdict(counts),
         seconds=time.monotonic() - attempt.started,
         resumed=attempt.prior.images,
+        skipped=attempt.skipped,
+        skipped_from=len(attempt.earlier.runs) if attempt.earlier else 0,
         startup_s=startup,
         steady_images_per_s=steady,
     )
@@ -297,12 +310,14 @@ def finish(attempt: Attempt, written: WriteCounts) -> RunSummary:
         startup_s=startup,
         steady_images_per_s=None if steady is None else round(steady, 3),
     )
-    accounted = counts.images + counts.duplicates
+    accounted = counts.images + counts.duplicates + attempt.skipped
     if attempt.listed is not None and accounted != attempt.listed:
         gap = attempt.listed - accounted
+        skipped = f", skipped {attempt.skipped} done earlier" if attempt.skipped else ""
         error = (
             f"listed {attempt.listed} images, wrote {counts.images} images rows and dropped "
-            f"{counts.duplicates} duplicates: {abs(gap)} {'missing' if gap > 0 else 'too many'}"
+            f"{counts.duplicates} duplicates{skipped}: {abs(gap)} "
+            f"{'missing' if gap > 0 else 'too many'}"
         )
         attempt.record.update(status="failed", error=f"{IncompleteRunError.__name__}: {error}")
         attempt.save()
@@ -333,22 +348,7 @@ def unfinished_run(output: str) -> str:
     for ``--resume`` without a run id. Reads only the run records under ``_runs/``, never the
     tables. None or several: an OutputError that lists the candidates."""
     output = absolute(output).rstrip("/")
-    fs, root = fs_root(output)
-    folder = f"{root}/{layout.RUNS_DIR}"
-    fs.invalidate_cache(folder)  # a listing cached earlier in this process may be stale
-    try:
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)]
-    except FileNotFoundError:
-        names = []
-    found: list[dict[str, Any]] = []
-    for name in sorted(n for n in names if n.endswith(".json")):
-        try:
-            record = read_record(output, name[: -len(".json")])
-        except (FileNotFoundError, ValueError):
-            continue
-        # A run's record names its run; the lease and metrics files beside it do not.
-        if record.get("run_id") == name[: -len(".json")]:
-            found.append(record)
+    found = run_records(output)
     unfinished = [r for r in found if r.get("status") in UNFINISHED]
     if len(unfinished) == 1:
         run_id = str(unfinished[0].get("run_id"))
@@ -366,6 +366,65 @@ def unfinished_run(output: str) -> str:
         f"--resume without --run-id resumes the only unfinished run of {redact(output)}, and "
         f"it has {problem}; pass --run-id NAME to say which run to resume"
     )
+
+
+def run_records(output: str) -> list[dict[str, Any]]:
+    """The records of the output's runs (one small JSON object per run, by run id)."""
+    fs, root = fs_root(output)
+    folder = f"{root}/{layout.RUNS_DIR}"
+    fs.invalidate_cache(folder)  # a listing cached earlier in this process may be stale
+    try:
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)]
+    except FileNotFoundError:
+        names = []
+    found: list[dict[str, Any]] = []
+    for name in sorted(n for n in names if n.endswith(".json")):
+        try:
+            record = read_record(output, name[: -len(".json")])
+        except (FileNotFoundError, ValueError):
+            continue
+        # A run's record names its run; the lease and metrics files beside it do not.
+        if record.get("run_id") == name[: -len(".json")]:
+            found.append(record)
+    return found
+
+
+@dataclass(frozen=True)
+class EarlierRuns:
+    """For ``--skip-done``: the earlier runs whose ``ok`` rows this run skips, and their
+    committed ``images`` files (relative to the output; one small marker read per unit)."""
+
+    runs: list[str]
+    files: list[str]
+
+
+def done_in_earlier_runs(cfg: RunConfig, weights: dict[str, Any], started: str) -> EarlierRuns:
+    """The runs of ``cfg.output`` that began before ``started`` (this run's first start, so
+    that a resumed attempt reads the same runs) with the same weights and settings that shape
+    an image's rows (:data:`_SAME_ROWS`): their ``ok`` images need not be segmented again.
+    Runs that differ are passed over, and the log says why."""
+    chosen: list[str] = []
+    files: list[str] = []
+    for record in run_records(cfg.output):
+        run_id = str(record.get("run_id"))
+        began = str(record.get("first_started_at") or record.get("started_at") or "")
+        if run_id == cfg.run_id or record.get("status") == DELETING or not began < started:
+            continue
+        changed = settings_changes(cfg, weights, record, _SAME_ROWS)
+        if changed:
+            log.info(
+                "--skip-done: run %s differs (%s); its rows are not reused", run_id, changed[0]
+            )
+            continue
+        chosen.append(run_id)
+        files += [rel for u in units(cfg.output, run_id) for rel in u.files[IMAGES_DIR]]
+    log.info(
+        "--skip-done: images ok in %d earlier runs (%s; %d files) are skipped",
+        len(chosen),
+        ", ".join(chosen) or "none",
+        len(files),
+    )
+    return EarlierRuns(chosen, files)
 
 
 def listing_folder(cfg: RunConfig) -> str:
@@ -391,13 +450,9 @@ def _listing(cfg: RunConfig, previous: dict[str, Any] | None) -> int | None:
     return listed
 
 
-# What must not change between the attempts of one run (keys of the run record's config).
-_SAME_ON_RESUME = (
-    "inputs",
-    "manifest",
-    "uri_column",
-    "extensions",
-    "partition_by",
+# What shapes an image's rows (keys of the run record's config), beside the weights: two
+# runs that agree on these give an image the same rows (--skip-done reuses them).
+_SAME_ROWS: tuple[str | tuple[str, ...], ...] = (
     "decode",
     ("model", "arch"),
     ("model", "min_size"),
@@ -407,13 +462,31 @@ _SAME_ON_RESUME = (
     ("model", "max_detections"),
     ("model", "categories"),
 )
+# What must not change between the attempts of one run.
+_SAME_ON_RESUME = ("inputs", "manifest", "uri_column", "extensions", "partition_by", *_SAME_ROWS)
 
 
 def check_same_settings(cfg: RunConfig, weights: dict[str, Any], previous: dict[str, Any]) -> None:
     """A resumed run must go on as it began: same inputs, layout, model and weights."""
+    changed = settings_changes(cfg, weights, previous, _SAME_ON_RESUME)
+    if changed:
+        raise OutputError(
+            f"run {cfg.run_id} began with other settings ({'; '.join(changed)}); resume it "
+            "with the same ones, or pass --overwrite to replace it"
+        )
+
+
+def settings_changes(
+    cfg: RunConfig,
+    weights: dict[str, Any],
+    previous: dict[str, Any],
+    keys: tuple[str | tuple[str, ...], ...],
+) -> list[str]:
+    """How ``cfg`` (with ``weights``, its fingerprint) differs from the run of record
+    ``previous`` in ``keys`` of the config and in the weights: "key: old -> new" each."""
     before, now_ = previous.get("config") or {}, public_config(cfg)
     changed = []
-    for key in _SAME_ON_RESUME:
+    for key in keys:
         path = key if isinstance(key, tuple) else (key,)
         old, new = _dig(before, path), _dig(now_, path)
         if isinstance(old, list | tuple) and isinstance(new, list | tuple):
@@ -426,11 +499,7 @@ def check_same_settings(cfg: RunConfig, weights: dict[str, Any], previous: dict[
             continue  # the same bytes under another path are the same weights
         if old_weights.get(key) != weights.get(key):
             changed.append(f"weights.{key}: {old_weights.get(key)!r} -> {weights.get(key)!r}")
-    if changed:
-        raise OutputError(
-            f"run {cfg.run_id} began with other settings ({'; '.join(changed)}); resume it "
-            "with the same ones, or pass --overwrite to replace it"
-        )
+    return changed
 
 
 def _dig(data: dict[str, Any], path: tuple[str, ...]) -> Any:

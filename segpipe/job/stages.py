@@ -202,6 +202,13 @@ def take_copies(rows: pa.Table) -> tuple[pa.Table, int]:
     return rows.drop_columns([COPIES_COLUMN]), duplicates
 
 
+def ok_image_ids(images: pa.Table) -> pa.Table:
+    """The ``image_id`` column of ``images`` rows (with at least ``image_id`` and
+    ``status``), of the ``ok`` rows only: the images an earlier run segmented
+    (``--skip-done``)."""
+    return images.filter(pc.equal(images.column("status"), STATUS_OK)).select(["image_id"])
+
+
 def _canonical(raw: object) -> tuple[str, str | None]:
     """The canonical URI, or the text as given and why it is not a valid one."""
     try:
