@@ -43,21 +43,25 @@ def store_probe() -> StoreProbe:
     from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
     raylets: dict[str, tuple[str, int]] = {}
-    # The child's Ray uses token authentication (Ray's default for a local cluster), with
-    # the token in ~/.ray/auth_token: turn it on here, for the GCS and raylet clients,
-    # without passing the setting on to the children started later.
-    had = "RAY_AUTH_MODE" in os.environ
-    quiet = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    finally:
-        quiet.setLevel(level)
-    if not had:
-        os.environ.pop("RAY_AUTH_MODE", None)
+
+    def use_token() -> None:
+        """The child's Ray uses token authentication (Ray's default for a local cluster),
+        with the token in ~/.ray/auth_token, which the child's first Ray start on a fresh
+        machine creates: turn it on here once the child is up, for the GCS and raylet
+        clients, without passing the setting on to the children started later."""
+        had = "RAY_AUTH_MODE" in os.environ
+        quiet = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        finally:
+            quiet.setLevel(level)
+        if not had:
+            os.environ.pop("RAY_AUTH_MODE", None)
 
     def raylet(gcs_address: str) -> tuple[str, int]:
+        use_token()
         state = get_state_from_address(gcs_address)
         try:
             nodes = [n for n in state.node_table() if n["Alive"]]
