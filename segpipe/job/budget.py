@@ -21,13 +21,13 @@ What was committed stays committed either way; ``--resume`` goes on from there.
 
 from __future__ import annotations
 
-import _thread
 import logging
 import threading
 from types import TracebackType
 
 from segpipe.io import redact
 from segpipe.job.commit import WriteCounts, units
+from segpipe.job.interrupt import Interruptible, interrupt_main
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,11 @@ class ErrorWatch:
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="error-watch", daemon=True)
+        self._interruptible = Interruptible()
 
     def __enter__(self) -> ErrorWatch:
         if self.max_error_rate < 1.0:
+            self._interruptible.__enter__()
             self._armed = True
             self._thread.start()
         return self
@@ -99,6 +101,7 @@ class ErrorWatch:
         self._done.set()
         if self._thread.is_alive():
             self._thread.join()
+        self._interruptible.__exit__()
 
     def _watch(self) -> None:
         while not self._done.wait(self.interval):
@@ -116,7 +119,7 @@ class ErrorWatch:
                 self.stopped = reason
                 self._armed = False
                 log.error("run %s: stopping early: %s", self.run_id, reason)
-                _thread.interrupt_main()
+                interrupt_main()
             return
 
     def read_new(self) -> None:

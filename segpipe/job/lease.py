@@ -22,7 +22,6 @@ decides every race:
 
 from __future__ import annotations
 
-import _thread
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ import psutil
 from segpipe import layout
 from segpipe.io import fs_root, redact, retrying
 from segpipe.job.conditional import Stored, create_only, replace_if, store_time, version_of
+from segpipe.job.interrupt import Interruptible, interrupt_main
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +72,19 @@ class RunLease:
         self._renewed = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="segpipe-lease", daemon=True)
+        self._interruptible = Interruptible()
 
     def __enter__(self) -> RunLease:
         self._acquire()
         self._renewed = time.monotonic()
+        self._interruptible.__enter__()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=self.heartbeat_s)
+        self._interruptible.__exit__()
         if self.lost is None and self._version is not None:
             # Release: only the version this driver wrote (a taker-over's stays).
             try:
@@ -200,7 +203,7 @@ class RunLease:
     def _lose(self, why: str) -> None:
         self.lost = why
         log.error("%s: stopping this driver; it commits nothing more", why)
-        _thread.interrupt_main()
+        interrupt_main()
 
     # -- reading it
 
