@@ -285,6 +285,9 @@ class MemoryMark:
     object_store_peak_mib: float
     driver_now_mib: float
     workers_total_now_mib: float
+    # The largest process of each role: which kind of worker grows, if any.
+    largest_model_actor_peak_mib: float = 0.0
+    largest_task_worker_peak_mib: float = 0.0
 
 
 class ProcessSampler:
@@ -311,6 +314,7 @@ class ProcessSampler:
         self.cpu: dict[int, tuple[str, float]] = {}  # pid -> (kind, CPU seconds), last seen
         self.peak = {"driver": 0.0, "workers_total": 0.0, "largest_worker": 0.0}
         self.peak.update(ray_system=0.0, object_store=0.0, all_total=0.0)
+        self.peak.update(largest_model_actor=0.0, largest_task_worker=0.0)
         self.now = {"driver": 0.0, "workers_total": 0.0}
         self.store: dict[str, float] = {}
         self.titles: dict[str, float] = {}  # first time each process title was seen
@@ -356,6 +360,7 @@ class ProcessSampler:
             return
         rss = dict.fromkeys(KINDS, 0.0)
         largest = 0.0
+        largest_of = {"model_actor": 0.0, "task_worker": 0.0}
         with self.lock:
             for proc in procs:
                 proc = self._procs.setdefault(proc.pid, proc)
@@ -370,6 +375,8 @@ class ProcessSampler:
                 rss[kind] += mem
                 if kind in WORKER_KINDS:
                     largest = max(largest, mem)
+                if kind in largest_of:
+                    largest_of[kind] = max(largest_of[kind], mem)
                 self._note_title(cmdline, t)
             workers = sum(rss[k] for k in WORKER_KINDS)
             self.now = {"driver": rss["driver"], "workers_total": workers}
@@ -381,6 +388,8 @@ class ProcessSampler:
                 ("driver", rss["driver"]),
                 ("workers_total", workers),
                 ("largest_worker", largest),
+                ("largest_model_actor", largest_of["model_actor"]),
+                ("largest_task_worker", largest_of["task_worker"]),
                 ("ray_system", rss["ray_system"]),
                 ("all_total", sum(rss.values())),
             ):
@@ -441,6 +450,8 @@ class ProcessSampler:
             object_store_peak_mib=round(p["object_store"], 1),
             driver_now_mib=round(now["driver"], 1),
             workers_total_now_mib=round(now["workers_total"], 1),
+            largest_model_actor_peak_mib=round(p["largest_model_actor"], 1),
+            largest_task_worker_peak_mib=round(p["largest_task_worker"], 1),
         )
 
 
@@ -1085,6 +1096,8 @@ PEAKS = {  # MemoryMark field -> ProcessSampler.peak key
     "driver_peak_mib": "driver",
     "workers_total_peak_mib": "workers_total",
     "largest_worker_peak_mib": "largest_worker",
+    "largest_model_actor_peak_mib": "largest_model_actor",
+    "largest_task_worker_peak_mib": "largest_task_worker",
     "ray_system_peak_mib": "ray_system",
     "object_store_peak_mib": "object_store",
 }
@@ -1108,6 +1121,8 @@ def memory(run: RunFigures) -> dict[str, Any]:
         out["workers_total_until_last_commit"] = max(x[2] for x in during)
     for field_name, key in PEAKS.items():
         first, end = getattr(marks[0], field_name), run.peaks_mib.get(key, 0.0)
+        if not first and not end:  # not sampled (a report saved before it was)
+            continue
         ratio = end / first if first else math.inf
         out[key] = {
             "first_tenth": first,
@@ -1282,6 +1297,7 @@ def describe(r: ScaleResult) -> str:
                 f"{key} {mem[key]['first_tenth']:.0f} -> {mem[key]['end']:.0f}"
                 f"{'' if mem[key]['flat_within_10pct'] else ' (NOT flat)'}"
                 for key in PEAKS.values()
+                if key in mem
             )
         )
         if "driver_until_last_commit" in mem:
