@@ -64,7 +64,6 @@ class Scenario:
     committed_at_kill: int
     logs: list[str]
     command_lines: list[str] = field(default_factory=list)
-    arena_settings: dict[int, str] = field(default_factory=dict)  # Ray worker pid -> setting
     ray_logs: list[Path] = field(default_factory=list)
     output: str = f"s3://{BUCKET}/out"
 
@@ -79,7 +78,6 @@ def child_env(endpoint: str) -> dict[str, str]:
         PYTHONUNBUFFERED="1",
         RAY_AUTH_MODE="disabled",
     )
-    env.pop("MALLOC_ARENA_MAX", None)  # the job sets its workers' own
     return env
 
 
@@ -133,7 +131,6 @@ def resumed(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
                 deadline = time.monotonic() + 300
                 while time.monotonic() < deadline and first.poll() is None:
                     scenario.command_lines += command_lines(first.pid)
-                    scenario.arena_settings.update(arena_settings(first.pid))
                     if len(list(units(scenario.output, RUN))) >= 2:
                         break
                     time.sleep(0.5)
@@ -175,18 +172,6 @@ def command_lines(pid: int) -> list[str]:
         except psutil.Error:
             continue
     return lines
-
-
-def arena_settings(pid: int) -> dict[int, str]:
-    """MALLOC_ARENA_MAX as each Ray worker process under ``pid`` started with ("" if unset)."""
-    out = {}
-    for p in psutil.Process(pid).children(recursive=True):
-        try:
-            if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::"):
-                out[p.pid] = p.environ().get("MALLOC_ARENA_MAX", "")
-        except psutil.Error:
-            continue
-    return out
 
 
 def instance_counts(con: duckdb.DuckDBPyConnection) -> tuple[int, int, int]:
@@ -251,13 +236,6 @@ def test_store_faults_were_injected_and_cost_no_image(resumed: Scenario) -> None
         "SELECT count(*) FROM images WHERE error_code IN ('read_error')"
     ).fetchone()
     assert transient == (0,)
-
-
-def test_the_workers_of_an_embedded_ray_bound_their_malloc_arenas(resumed: Scenario) -> None:
-    """Every Ray worker the job's embedded Ray started (the model actor among them) has
-    MALLOC_ARENA_MAX=2 (segpipe.job.pipeline.WORKER_ENV): without it the actor grows."""
-    assert resumed.arena_settings, "no Ray worker was sampled"
-    assert set(resumed.arena_settings.values()) == {"2"}
 
 
 def test_the_secret_appears_nowhere(resumed: Scenario) -> None:

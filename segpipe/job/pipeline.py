@@ -467,15 +467,6 @@ def ray_runtime() -> Iterator[None]:
 EMBEDDED_MIN_CPUS = 4
 
 
-# The environment every worker process of an embedded Ray starts with (set in the driver's
-# environment before Ray starts; the raylet and its workers inherit it). With glibc's default
-# of up to 8 malloc arenas per core, a model actor, whose batches run on a thread of Ray's,
-# grew by ~2 KiB an image for as long as it ran (native memory, no Python objects: the
-# 100,000-image check; BENCHMARKS.md); with two arenas it stays flat. On a cluster the nodes'
-# environment decides: the container image sets the same (infra/docker/Dockerfile).
-WORKER_ENV = {"MALLOC_ARENA_MAX": "2"}
-
-
 EMBEDDED_RAY_SYSTEM_CONFIG = {
     "enable_worker_prestart": False,
     "prestart_worker_first_driver": False,
@@ -497,8 +488,6 @@ def _init_ray() -> bool:
         ray.init(address=address)
     else:
         log.info("RAY_ADDRESS is not set: starting an embedded local Ray")
-        for name, value in WORKER_ENV.items():
-            os.environ.setdefault(name, value)  # the user's own setting wins
         # No idle workers started ahead of need: on a small node their imports compete with
         # the model actor's (the first image out of the model came ~2 s later with them).
         ray.init(

@@ -245,7 +245,6 @@ class Segment:
             torch.set_num_threads(torch_threads)
         self.run_id = run_id
         self.extras = extras
-        _warn_if_arenas_unbounded()
         self.segmenter = Segmenter(model)
         if self.marks is not None:
             self.marks.mark("model_loaded")
@@ -289,20 +288,6 @@ class Segment:
                 status[i], code[i] = STATUS_ERROR, MODEL_ERROR
                 error[i] = f"the model failed on this image: {type(exc).__name__}: {exc}"[:1000]
         return by_row, {**batch, "status": status, "error_code": code, "error": error}
-
-
-def _warn_if_arenas_unbounded() -> None:
-    """A model actor on glibc without MALLOC_ARENA_MAX grows for as long as it runs (about
-    2 KiB an image: fragmentation across glibc's per-thread arenas; segpipe.job.pipeline
-    .WORKER_ENV): say so once, in the actor's log, with the setting that stops it."""
-    import platform
-
-    if platform.libc_ver()[0] == "glibc" and not os.environ.get("MALLOC_ARENA_MAX"):
-        log.warning(
-            "MALLOC_ARENA_MAX is not set on this node: this model actor's memory will grow "
-            "by about 2 KiB an image (glibc arena fragmentation); set MALLOC_ARENA_MAX=2 "
-            "in the nodes' environment (segpipe's container image does)"
-        )
 
 
 # The exit status of a model actor that ends itself because its device is broken.
