@@ -359,8 +359,7 @@ class ProcessSampler:
         except psutil.Error:
             return
         rss = dict.fromkeys(KINDS, 0.0)
-        largest = 0.0
-        largest_of = {"model_actor": 0.0, "task_worker": 0.0}
+        largest_of = dict.fromkeys(WORKER_KINDS, 0.0)  # the largest process of each kind
         with self.lock:
             for proc in procs:
                 proc = self._procs.setdefault(proc.pid, proc)
@@ -373,8 +372,6 @@ class ProcessSampler:
                 kind = process_kind(cmdline, proc.pid, self.root.pid)
                 self.cpu[proc.pid] = (kind, float(times.user + times.system))
                 rss[kind] += mem
-                if kind in WORKER_KINDS:
-                    largest = max(largest, mem)
                 if kind in largest_of:
                     largest_of[kind] = max(largest_of[kind], mem)
                 self._note_title(cmdline, t)
@@ -387,7 +384,7 @@ class ProcessSampler:
             for key, value in (
                 ("driver", rss["driver"]),
                 ("workers_total", workers),
-                ("largest_worker", largest),
+                ("largest_worker", max(largest_of.values())),
                 ("largest_model_actor", largest_of["model_actor"]),
                 ("largest_task_worker", largest_of["task_worker"]),
                 ("ray_system", rss["ray_system"]),
