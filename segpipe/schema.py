@@ -60,6 +60,38 @@ ERROR_CODES = (
 )
 
 
+# The tables' schema version, "major.minor", in every Parquet file's key-value metadata
+# (SCHEMA_VERSION_KEY) and in every run record. A new major renames, retypes or drops
+# columns: readers refuse a major they do not know. A new minor only adds columns.
+SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION_KEY = "segpipe.schema_version"
+
+
+class SchemaVersionError(ValueError):
+    """Tables written with a schema major version this segpipe does not know."""
+
+
+def check_schema_version(version: str | None, what: str) -> None:
+    """Refuse ``what`` (a run, a file) if its schema ``version`` has another major than
+    :data:`SCHEMA_VERSION`'s; None (written before versions were recorded) is 1.0."""
+    major = (version or "1.0").split(".", 1)[0]
+    if major != SCHEMA_VERSION.split(".", 1)[0]:
+        raise SchemaVersionError(
+            f"{what} has tables of schema version {version}, and this segpipe "
+            f"{_installed()} reads version {SCHEMA_VERSION.split('.')[0]}.x only: read it "
+            "with the segpipe that wrote it (its run record names the version), or upgrade"
+        )
+
+
+def _installed() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("segpipe")
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 @dataclass(frozen=True)
 class Failure:
     """Why an image has no detections: its error row's ``error_code`` (one of

@@ -23,6 +23,7 @@ from segpipe import layout
 from segpipe.core.encode import decode_mask
 from segpipe.io import fs_root
 from segpipe.layout import TABLES
+from segpipe.records import check_schema_versions
 
 MACROS = (
     "CREATE OR REPLACE MACRO box_area(x0, y0, x1, y1) AS (x1 - x0) * (y1 - y0)",
@@ -32,9 +33,12 @@ MACROS = (
 
 
 def connect(output: str) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with ``images`` and ``instances`` views over ``output``."""
+    """A DuckDB connection with ``images`` and ``instances`` views over ``output``; a
+    :class:`~segpipe.schema.SchemaVersionError` if a run there has tables of a schema major
+    version this segpipe does not know."""
     output = output.rstrip("/")
     fs, root = fs_root(output)
+    check_schema_versions(output)  # the run records: one small file per run
     con = duckdb.connect()
     if "://" in output and not output.startswith("file://"):
         con.register_filesystem(fs)

@@ -48,6 +48,7 @@ from ray.data.context import DataContext, ShuffleStrategy
 from ray.data.datasource import Datasink, WriteResult
 
 from segpipe.config import MAX_FILE_BYTES, RunConfig
+from segpipe.core.fingerprints import checked_fingerprint
 from segpipe.io import arrow_filesystem, fs_root, is_local, redact
 from segpipe.job import runs
 from segpipe.job.budget import ErrorWatch
@@ -62,15 +63,19 @@ from segpipe.job.inputs import (
 from segpipe.job.lease import LeaseLostError, RunLease
 from segpipe.job.runs import RunSummary
 from segpipe.job.stages import (
+    TABLE_SCHEMAS,
     Segment,
     distinct_images,
     encode_rows,
     load_batch,
     load_batch_memory,
     ok_image_ids,
+    one_table,
+    segment_input,
     with_image_ids,
 )
 from segpipe.job.writer import write_rows
+from segpipe.layout import INSTANCES_DIR
 
 log = logging.getLogger(__name__)
 
@@ -306,6 +311,21 @@ def _build(
         # A listing of one input names each file once: only several inputs can overlap.
         ds = _distinct(ds)
     ds = ds.repartition(target_num_rows_per_block=cfg.load_batch_size)
+    assert cfg.run_id is not None  # resolved by runs.prepare
+    return _segment_steps(ds, cfg, plan, fit, (cfg.output, cfg.run_id), extras)
+
+
+def _segment_steps(
+    ds: Dataset,
+    cfg: RunConfig,
+    plan: ActorPlan,
+    fit: tuple[int, int],
+    timeline_to: tuple[str, str] | None,
+    extras: pa.Schema,
+) -> Dataset:
+    """Input rows (``uri``, ``image_id``, carried columns) -> per-image rows with their
+    instances nested and encoded: decode tasks, the model actors, encode tasks. Of ``cfg``
+    only the model, decode, batch and thread settings and the run id are used."""
     ds = ds.map_batches(
         partial(load_batch, decode=cfg.decode, fit=fit),
         batch_size=cfg.load_batch_size,
@@ -322,7 +342,7 @@ def _build(
             "model": cfg.model,
             "run_id": cfg.run_id,
             "torch_threads": cfg.torch_threads,
-            "timeline_to": (cfg.output, cfg.run_id),
+            "timeline_to": timeline_to,
             "extras": extras if len(extras) else None,
         },
         batch_size=cfg.batch_size,
@@ -346,6 +366,43 @@ def _build(
         num_cpus=LIGHT_TASK_CPUS,
         memory=ENCODE_TASK_MEMORY,
     )
+
+
+def segment(
+    ds: Dataset,
+    cfg: RunConfig,
+    *,
+    uri_column: str = "uri",
+    bytes_column: str | None = None,
+    table: str = INSTANCES_DIR,
+) -> Dataset:
+    """``ds`` (a column of image URIs, and optionally one of their encoded bytes) -> a lazy
+    Dataset of ``table``'s rows (``instances``: one a detected object; ``images``: one an
+    input row, failures included), as ``segpipe run`` writes them, through the same decode
+    tasks, model actors and encode tasks. Nothing runs until the Dataset is consumed.
+
+    Of ``cfg`` only the model, decode, batch, actor and thread settings and ``run_id`` are
+    used; nothing is written, no run is recorded, rows are not de-duplicated. The other
+    columns of ``ds`` are not carried: join the result back on ``uri`` or ``image_id``
+    (the same :func:`segpipe.schema.image_id` of the canonical URI as a run gives)."""
+    if table not in TABLE_SCHEMAS:
+        raise ValueError(f"table must be one of {sorted(TABLE_SCHEMAS)}, got {table!r}")
+    if cfg.run_id is None:
+        raise ValueError("segment needs a run id for its rows")
+    names = ds.columns(fetch_if_missing=False)  # None: unknown until it runs
+    wanted = [uri_column] + ([bytes_column] if bytes_column else [])
+    missing = [c for c in wanted if names is not None and c not in names]
+    if missing:
+        raise ValueError(f"the Dataset has no column {missing[0]!r} (it has {names})")
+    _init_ray()
+    weights = checked_fingerprint(cfg.model)
+    fit = (int(weights["min_size"]), int(weights["max_size"]))
+    ds = ds.map_batches(
+        partial(segment_input, uri_column=uri_column, bytes_column=bytes_column),
+        batch_format="pyarrow",
+    )
+    rows = _segment_steps(ds, cfg, _actor_plan(cfg), fit, None, pa.schema([]))
+    return rows.map_batches(partial(one_table, table=table), batch_format="pyarrow")
 
 
 def _read_uris(cfg: RunConfig, schema: pa.Schema | None) -> Dataset:

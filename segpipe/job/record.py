@@ -13,11 +13,12 @@ from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any
 
-import fsspec
-
 from segpipe import layout
 from segpipe.config import RunConfig
 from segpipe.io import atomic_write, fs_root, redact
+from segpipe.records import read_record
+
+__all__ = ["now", "public_config", "read_record", "versions", "write_json", "write_record"]
 
 _PACKAGES = ("segpipe", "torch", "torchvision", "ray", "pyarrow", "pycocotools", "pillow")
 
@@ -56,9 +57,3 @@ def write_json(uri: str, data: dict[str, Any]) -> None:
     """Write ``data`` so that a reader sees the old file or the new one, never half of one."""
     fs, path = fs_root(uri)
     atomic_write(fs, path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def read_record(output: str, run_id: str) -> dict[str, Any]:
-    with fsspec.open(layout.record(output, run_id), "r") as f:
-        data: dict[str, Any] = json.load(f)
-    return data

@@ -33,9 +33,11 @@ from segpipe.io import absolute, atomic_write, fs_root, is_local, redact
 from segpipe.job.budget import over_budget
 from segpipe.job.commit import WriteCounts, delete_run, recover, units
 from segpipe.job.inputs import check_manifest, list_images, write_listing
-from segpipe.job.record import now, public_config, read_record, versions, write_record
+from segpipe.job.record import now, public_config, versions, write_record
 from segpipe.job.timeline import Timeline, actor_marks, forget_actor_marks
 from segpipe.layout import IMAGES_DIR, TABLES
+from segpipe.records import check_schema_versions, read_record, run_records
+from segpipe.schema import SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +203,7 @@ def begin(attempt: Attempt) -> None:
         if previous is None
         else previous.get("first_started_at", previous.get("started_at")),
         "attempts": 1 if previous is None else 1 + int(previous.get("attempts", 1)),
+        "schema_version": SCHEMA_VERSION,
         "config": public_config(cfg),
         "versions": versions(),
         "weights": attempt.weights,
@@ -368,27 +371,6 @@ def unfinished_run(output: str) -> str:
     )
 
 
-def run_records(output: str) -> list[dict[str, Any]]:
-    """The records of the output's runs (one small JSON object per run, by run id)."""
-    fs, root = fs_root(output)
-    folder = f"{root}/{layout.RUNS_DIR}"
-    fs.invalidate_cache(folder)  # a listing cached earlier in this process may be stale
-    try:
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)]
-    except FileNotFoundError:
-        names = []
-    found: list[dict[str, Any]] = []
-    for name in sorted(n for n in names if n.endswith(".json")):
-        try:
-            record = read_record(output, name[: -len(".json")])
-        except (FileNotFoundError, ValueError):
-            continue
-        # A run's record names its run; the lease and metrics files beside it do not.
-        if record.get("run_id") == name[: -len(".json")]:
-            found.append(record)
-    return found
-
-
 @dataclass(frozen=True)
 class EarlierRuns:
     """For ``--skip-done``: the earlier runs whose ``ok`` rows this run skips, and their
@@ -549,6 +531,8 @@ def check_output(cfg: RunConfig, named: bool) -> dict[str, Any] | None:
                 "pass --overwrite again to finish replacing it"
             )
     used = [d for d in TABLES if fs.exists(layout.table(root, d))]
+    if used:  # one schema major per output: its views read every run's files together
+        check_schema_versions(cfg.output)
     if used and not named:
         raise OutputError(
             f"{redact(cfg.output)} already holds results; pass --run-id NAME to add a run "

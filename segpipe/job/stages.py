@@ -50,8 +50,10 @@ from segpipe.core.rows import (
 from segpipe.io import read_bytes, redact
 from segpipe.job.inputs import COPIES_COLUMN, EXTRAS_COLUMN, canonical_uri, unpack_extras
 from segpipe.job.timeline import ActorMarks
+from segpipe.layout import IMAGES_DIR, INSTANCES_DIR
 from segpipe.schema import (
     BAD_URI,
+    IMAGES_SCHEMA,
     INSTANCES_SCHEMA,
     MODEL_ERROR,
     NOT_FOUND,
@@ -71,8 +73,14 @@ Batch = dict[str, np.ndarray]
 _IMAGE_LEVEL = {"run_id", "image_id", "uri", "image_width", "image_height"}
 INSTANCE_STRUCT = pa.struct([f for f in INSTANCES_SCHEMA if f.name not in _IMAGE_LEVEL])
 WINDOWED_STRUCT = pa.struct([f for f in WINDOWED_SCHEMA if f.name not in _IMAGE_LEVEL])
-# Columns load_batch adds; anything else in a batch is carried through to the images table.
-_LOAD_COLUMNS = ("image_id", "width", "height", "status", "error_code", "error", "pixels")
+# A column of encoded image bytes that load_batch decodes instead of reading the URI
+# (segpipe.segment over a Dataset that already holds the files: read_binary_files).
+BYTES_COLUMN = "bytes"
+# Columns load_batch adds (or uses up); anything else in a batch is carried through to the
+# images table.
+_LOAD_COLUMNS = (
+    "image_id", "width", "height", "status", "error_code", "error", "pixels", BYTES_COLUMN
+)  # fmt: skip
 
 
 def fetch(uri: str) -> bytes | Failure:
@@ -96,17 +104,29 @@ def load_batch(
     large images are decoded straight to the model's input size (``width`` and ``height``
     stay the full-resolution upright size: ``pixels`` may be smaller). Images are decoded one
     at a time, so at most one full-resolution decode is alive at once.
+
+    A batch with a :data:`BYTES_COLUMN` is decoded from those bytes, the URIs only naming
+    the images (nothing is read; a name that is not a valid URI is kept as given); a null
+    there is a ``read_error`` row.
     """
     uris: list[str] = []
     bad: dict[int, Failure] = {}
+    given = batch.get(BYTES_COLUMN)
     for i, raw in enumerate(batch["uri"]):
         uri, problem = _canonical(raw)
         uris.append(uri)
-        if problem is not None:
+        if problem is not None and given is None:  # given bytes: the name is only a name
             bad[i] = Failure(BAD_URI, problem)
 
     def get(i: int) -> bytes | Failure:
-        return bad[i] if i in bad else fetch(uris[i])
+        if i in bad:
+            return bad[i]
+        if given is None:
+            return fetch(uris[i])
+        data = given[i]
+        if data is None:
+            return Failure(READ_ERROR, f"no bytes were given for {redact(uris[i])}")
+        return bytes(data)
 
     with ThreadPoolExecutor(max_workers=max(1, min(io_threads, len(uris)))) as pool:
         fetched = list(pool.map(get, range(len(uris))))
@@ -399,6 +419,26 @@ def split_tables(rows: pa.Table) -> tuple[pa.Table, pa.Table]:
             source = {"image_width": "width", "image_height": "height"}.get(field.name, field.name)
             columns.append(images.column(source).take(parents).cast(field.type))
     return images, pa.Table.from_arrays(columns, schema=INSTANCES_SCHEMA)
+
+
+# The tables segpipe.segment can hand back, by name.
+TABLE_SCHEMAS = {IMAGES_DIR: IMAGES_SCHEMA, INSTANCES_DIR: INSTANCES_SCHEMA}
+
+
+def one_table(rows: pa.Table, table: str) -> pa.Table:
+    """One of the two tables (:data:`TABLE_SCHEMAS`) of encoded per-image rows."""
+    images, instances = split_tables(rows)
+    return instances if table == INSTANCES_DIR else images.select(IMAGES_SCHEMA.names)
+
+
+def segment_input(batch: pa.Table, uri_column: str, bytes_column: str | None) -> pa.Table:
+    """A user's Dataset batch as :func:`load_batch` takes it: ``uri`` (the URI column as
+    text), ``image_id``, and :data:`BYTES_COLUMN` when the images' bytes are given."""
+    uris = batch.column(uri_column).cast(pa.string()).fill_null("")
+    out = with_image_ids(pa.table({"uri": uris}))
+    if bytes_column is not None:
+        out = out.append_column(BYTES_COLUMN, batch.column(bytes_column).cast(pa.binary()))
+    return out
 
 
 def _size(batch: Batch, i: int) -> tuple[int, int]:

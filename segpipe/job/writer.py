@@ -37,7 +37,7 @@ from segpipe.io import fs_root, is_local, redact, retrying
 from segpipe.job.commit import Unit, WriteCounts, commit_unit, committed_unit, publish_committed
 from segpipe.job.stages import split_tables, take_copies
 from segpipe.layout import IMAGES_DIR, INSTANCES_DIR
-from segpipe.schema import STATUS_OK
+from segpipe.schema import SCHEMA_VERSION, SCHEMA_VERSION_KEY, STATUS_OK
 
 # Rows per Parquet row group. A lookup by image_id reads one row group of each file (the
 # columns it selects), a scan reads them all; an images row is ~0.3 KB, an instances row a
@@ -69,8 +69,12 @@ def write_table(
         write_statistics=[c for c in table.column_names if c not in _NO_STATISTICS]
     )
     written: list[str] = []
+    metadata = {
+        **(table.schema.metadata or {}),
+        SCHEMA_VERSION_KEY.encode(): SCHEMA_VERSION.encode(),
+    }
     pds.write_dataset(
-        table,
+        table.replace_schema_metadata(metadata),
         base_dir=layout.table(root, name),
         format=parquet,
         file_options=options,
