@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -80,7 +80,10 @@ RUNS = ("r50-fpn", "r50-fpn-v2")
 def coco_like_output(output: str, images: int = 30, seed: int = 0) -> None:
     """Two runs (``r50-fpn``, ``r50-fpn-v2``) of a COCO-style model over the same images of
     ``s3://photos/...``: people, bicycles, cars and dogs with elliptical masks inside their
-    boxes, distinct scores, and three images that failed in both runs."""
+    boxes, distinct scores, and three images that failed in both runs. The second run sees
+    most of the first run's objects again, moved a few pixels (some relabelled, some missed,
+    a few new ones). The first image holds two near-copies of one person in both runs
+    (a likely duplicate) and the second a dog inside a car."""
     rng = np.random.default_rng(seed)
     uris = [f"s3://photos/2026/{k:04d}.jpg" for k in range(images)]
     sizes = [(int(rng.integers(200, 640)), int(rng.integers(200, 480))) for _ in uris]
@@ -90,32 +93,71 @@ def coco_like_output(output: str, images: int = 30, seed: int = 0) -> None:
         uris[17]: ("not_found", "no such object"),
     }
     used_scores: set[float] = set()
+
+    def score() -> float:  # distinct over the whole output, so that orders are total
+        value = round(float(rng.uniform(0.05, 1.0)), 4)
+        while value in used_scores:
+            value = round(value + 0.0001, 4)
+        used_scores.add(value)
+        return value
+
+    def random_object(width: int, height: int) -> list[int]:  # x0, y0, w, h, label
+        w, h = int(rng.integers(10, width // 2)), int(rng.integers(10, height // 2))
+        x0, y0 = int(rng.integers(0, width - w)), int(rng.integers(0, height - h))
+        return [x0, y0, w, h, int(rng.choice([1, 1, 1, 2, 3, 4]))]
+
+    first: dict[str, list[list[int]]] = {}
     for run in RUNS:
         rows: list[tuple[str, tuple[int, int] | None, Detections | None]] = []
-        for uri, (width, height) in zip(uris, sizes, strict=True):
+        for k, (uri, (width, height)) in enumerate(zip(uris, sizes, strict=True)):
             if uri in failed:
                 rows.append((uri, None, None))
                 continue
-            n = int(rng.integers(0, 7))
-            boxes, masks, scores = [], np.zeros((n, height, width), dtype=bool), []
-            for k in range(n):
-                w, h = int(rng.integers(10, width // 2)), int(rng.integers(10, height // 2))
-                x0, y0 = int(rng.integers(0, width - w)), int(rng.integers(0, height - h))
-                ys, xs = np.mgrid[0:height, 0:width] + 0.5  # pixel centres
-                cx, cy = x0 + w / 2, y0 + h / 2
-                masks[k] = ((xs - cx) / (w / 2)) ** 2 + ((ys - cy) / (h / 2)) ** 2 <= 1
-                boxes.append([x0, y0, x0 + w, y0 + h])
-                score = round(float(rng.uniform(0.05, 1.0)), 4)
-                while score in used_scores:
-                    score = round(score + 0.0001, 4)
-                used_scores.add(score)
-                scores.append(score)
-            order = np.argsort(scores)[::-1]
-            det = detections_from_full_masks(
-                boxes=np.array(boxes, dtype=np.float32).reshape(n, 4)[order],
-                labels=rng.choice([1, 1, 1, 2, 3, 4], size=n).astype(np.int64),
-                scores=np.array(scores, dtype=np.float32)[order],
-                masks=masks[order],
-            )
-            rows.append((uri, (width, height), det))
+            if run == RUNS[0]:
+                objects = [random_object(width, height) for _ in range(int(rng.integers(0, 7)))]
+                if k == 0:  # one person twice, 3 pixels apart
+                    objects += [[20, 30, 60, 120, 1], [23, 30, 60, 120, 1]]
+                if k == 1:  # a dog inside a car
+                    objects += [[10, 20, 160, 100, 3], [60, 50, 40, 30, 4]]
+                first[uri] = objects
+            else:
+                objects = [_seen_again(o, k, rng) for o in first[uri] if rng.random() > 0.15]
+                objects += [random_object(width, height) for _ in range(int(rng.integers(0, 2)))]
+            rows.append((uri, (width, height), _ellipses(objects, width, height, score)))
         write_output(output, run, rows, COCO_LIKE_LABELS, errors=failed)
+
+
+def _seen_again(obj: list[int], image: int, rng: np.random.Generator) -> list[int]:
+    """An object of the first run as the second sees it: moved up to 3 pixels, now and then
+    relabelled (never the deliberate duplicates and containment of images 0 and 1)."""
+    x0, y0, w, h, label = obj
+    if image > 1 and rng.random() < 0.1:
+        label = label % 4 + 1
+    dx, dy = (int(v) for v in rng.integers(-3, 4, size=2))
+    return [max(0, x0 + dx), max(0, y0 + dy), w, h, label]
+
+
+def _ellipses(
+    objects: Sequence[list[int]], width: int, height: int, score: Callable[[], float]
+) -> Detections:
+    """Detections of elliptical masks filling the boxes ``(x0, y0, w, h, label)``, by
+    descending score."""
+    n = len(objects)
+    ys, xs = np.mgrid[0:height, 0:width] + 0.5  # pixel centres
+    masks = np.zeros((n, height, width), dtype=bool)
+    for k, (x0, y0, w, h, _) in enumerate(objects):
+        w, h = min(w, width - x0), min(h, height - y0)
+        cx, cy = x0 + w / 2, y0 + h / 2
+        masks[k] = ((xs - cx) / (w / 2)) ** 2 + ((ys - cy) / (h / 2)) ** 2 <= 1
+    boxes = np.array(
+        [[x0, y0, min(x0 + w, width), min(y0 + h, height)] for x0, y0, w, h, _ in objects],
+        dtype=np.float32,
+    ).reshape(n, 4)
+    scores = np.array([score() for _ in objects], dtype=np.float32)
+    order = np.argsort(-scores, kind="stable")
+    return detections_from_full_masks(
+        boxes=boxes[order],
+        labels=np.array([o[4] for o in objects], dtype=np.int64).reshape(n)[order],
+        scores=scores[order],
+        masks=masks[order],
+    )

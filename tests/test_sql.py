@@ -7,6 +7,7 @@ import math
 import os
 import re
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 from segpipe.analytics.engines import ENGINES, SCHEMAS, ddl, spark_views
 from segpipe.analytics.query import connect, masks
 from segpipe.cli import main
-from segpipe.core.encode import decode_mask
+from segpipe.core.encode import decode_mask, encode_window
 from tests.outputs import RUNS, coco_like_output
 
 README = Path(__file__).parents[1] / "README.md"
@@ -51,6 +52,7 @@ def spark(output: str) -> Iterator[Any]:
             pytest.fail("Spark needs Java (17), which CI must have (SEGPIPE_CI is set)")
         pytest.skip("Spark needs Java 17 on PATH")
     pyspark_sql = pytest.importorskip("pyspark.sql")
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # runs the mask functions
     session = (
         pyspark_sql.SparkSession.builder.master("local[1]")
         .appName("segpipe-tests")
@@ -69,10 +71,11 @@ def spark(output: str) -> Iterator[Any]:
 
 def test_the_readme_has_the_queries_users_run() -> None:
     queries = readme_queries()
-    assert len(queries) >= 9
+    assert len(queries) >= 13
     joined = "\n".join(queries)
     for needle in ("GROUP BY label", "label = 'person'", "percentile_cont", "error_code",
-                   "LEFT JOIN instances", "'r50-fpn-v2'", "label = 'dog'"):  # fmt: skip
+                   "LEFT JOIN instances", "'r50-fpn-v2'", "label = 'dog'", "mask_iou(",
+                   "mask_intersection(", "mask_area(", "mask_bbox("):  # fmt: skip
         assert needle in joined
 
 
@@ -102,7 +105,7 @@ def test_both_engines_prune_partitions(duck: duckdb.DuckDBPyConnection, spark: A
     assert re.search(r"Total Files Read: 2\b", everything)
 
     frame = spark.sql(sql)
-    assert frame.collect()[0][0] == duck.execute(sql).fetchone()[0]  # type: ignore[index]
+    assert frame.collect()[0][0] == duck.execute(sql).fetchall()[0][0]
     executed = frame._jdf.queryExecution().executedPlan().toString()
     assert re.search(rf"PartitionFilters: \[.*\(run_id#\d+ = {RUNS[0]}\)", executed), executed
 
@@ -189,5 +192,63 @@ def test_mask_helper_and_macros(duck: duckdb.DuckDBPyConnection) -> None:
         "SELECT bool_and(box_area(box_x0, box_y0, box_x1, box_y1) = "
         "(box_x1 - box_x0) * (box_y1 - box_y0)), bool_and(image_fraction(mask_area, "
         "image_width, image_height) BETWEEN 0 AND 1) FROM instances"
-    ).fetchone()
+    ).fetchall()[0]
     assert check == (True, True)
+
+
+PAIRS = """
+SELECT a.mask_rle AS rle_a, b.mask_rle AS rle_b, a.image_height AS h, a.image_width AS w,
+       a.image_id, a.instance_id AS ia, b.instance_id AS ib
+FROM instances a JOIN instances b ON a.image_id = b.image_id AND a.run_id = b.run_id
+WHERE a.run_id = 'r50-fpn'
+"""
+FUNCTIONS = (
+    "mask_iou(rle_a, rle_b, h, w), mask_intersection(rle_a, rle_b, h, w), "
+    "mask_area(rle_a, h, w), mask_bbox(rle_a, h, w).x0, mask_bbox(rle_a, h, w).y0, "
+    "mask_bbox(rle_a, h, w).x1, mask_bbox(rle_a, h, w).y1"
+)
+
+
+def test_mask_functions_agree_with_the_decoded_masks_in_both_engines(
+    duck: duckdb.DuckDBPyConnection, spark: Any
+) -> None:
+    """Every pair of masks of an image (each with itself too): the SQL functions against
+    numpy on the decoded masks, in DuckDB and in Spark; NULLs give NULL."""
+    sql = f"SELECT rle_a, rle_b, h, w, {FUNCTIONS} FROM ({PAIRS}) ORDER BY image_id, ia, ib"
+    ours = duck.sql(sql).fetchall()
+    assert len(ours) > 300  # more than one pycocotools slice of 255
+    assert ours == [tuple(r) for r in spark.sql(sql).collect()]
+    pairs = [row[:4] for row in ours]
+    for (rle_a, rle_b, h, w), got in zip(pairs, (row[4:] for row in ours), strict=True):
+        a, b = decode_mask(rle_a, h, w) > 0, decode_mask(rle_b, h, w) > 0
+        inter, union = int((a & b).sum()), int((a | b).sum())
+        ys, xs = np.nonzero(a)
+        expected = (inter / union, inter, int(a.sum()), xs.min(), ys.min(), xs.max() + 1)
+        assert got[:6] == pytest.approx(expected, rel=1e-12) and got[6] == ys.max() + 1
+    rle, _, h, w = pairs[0]
+    empty, _ = encode_window(np.zeros((0, 0), dtype=bool), 0, 0, h, w)
+    nulls = (
+        f"SELECT mask_iou(NULL, '{rle}', {h}, {w}), mask_intersection('{rle}', NULL, {h}, {w}),"
+        f" mask_area('{rle}', NULL, {w}), mask_bbox(NULL, {h}, {w}),"
+        f" mask_bbox('{empty}', {h}, {w}), mask_area('{empty}', {h}, {w}),"
+        f" mask_iou('{empty}', '{empty}', {h}, {w})"
+    )
+    expected = [(None, None, None, None, None, 0, 0.0)]
+    assert duck.sql(nulls).fetchall() == expected
+    assert [tuple(r) for r in spark.sql(nulls).collect()] == expected
+
+
+def test_the_mask_queries_find_what_the_fixture_holds(duck: duckdb.DuckDBPyConnection) -> None:
+    """The README's mask queries against what tests/outputs.py put there on purpose: one
+    person twice in the first image, a dog inside a car in the second."""
+    by_first_column = {q.split("\n", 1)[0]: q for q in readme_queries() if "mask_" in q}
+    duplicates = next(q for q in by_first_column.values() if "AS duplicate" in q)
+    assert [r[:2] for r in duck.sql(duplicates).fetchall()] == [
+        ("s3://photos/2026/0000.jpg", "person")
+    ]
+    inside = next(q for q in by_first_column.values() if "AS share_inside" in q)
+    ((uri, _, _, share),) = duck.sql(inside).fetchall()
+    assert uri == "s3://photos/2026/0001.jpg" and share == 1.0
+    relabelled = next(q for q in by_first_column.values() if "label_after" in q)
+    rows = duck.sql(relabelled).fetchall()
+    assert rows and all(r[3] != r[4] and r[5] >= 0.5 for r in rows)

@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 
 from segpipe import layout
+from segpipe.analytics.mask_sql import FUNCTIONS
 from segpipe.layout import IMAGES_DIR, INSTANCES_DIR, TABLES
 from segpipe.schema import IMAGES_SCHEMA, INSTANCES_SCHEMA
 
@@ -146,10 +147,24 @@ _STATEMENTS: dict[str, Callable[[str, str, _Columns, Sequence[str]], str]] = {
 
 def spark_views(spark: Any, output: str) -> None:
     """Register the temporary views ``images`` and ``instances`` over ``output`` in a
-    SparkSession. Partition columns stay strings when the session sets
+    SparkSession, and the mask functions (:func:`spark_functions`). Partition columns stay
+    strings when the session sets
     ``spark.sql.sources.partitionColumnTypeInference.enabled=false`` (recommended: a run id
     such as ``2024`` must not become a number)."""
+    spark_functions(spark)
     for table in TABLES:
         path = layout.table(output, table)
         frame = spark.read.option("mergeSchema", "true").option("basePath", path).parquet(path)
         frame.createOrReplaceTempView(table)
+
+
+def spark_functions(spark: Any) -> None:
+    """Register :mod:`segpipe.analytics.mask_sql`'s functions (``mask_iou``,
+        ``mask_intersection``, ``mask_area``, ``mask_bbox``) in a SparkSession as Arrow UDFs:
+        Spark hands them Arrow batches of rows. The executors' Python (``PYSPARK_PYTHON``)
+    needs segpipe installed."""
+    from pyspark.sql.functions import arrow_udf
+
+    for name, (function, _, _, returns) in FUNCTIONS.items():
+        # Spark reads the kind of UDF from the type hints (pa.Array in, pa.Array out).
+        spark.udf.register(name, arrow_udf(function, returns))  # type: ignore[call-overload]

@@ -7,7 +7,9 @@ credentials and endpoint settings (``AWS_ENDPOINT_URL``, profiles, roles) apply 
 The connection also has two macros (the same expressions work in any engine):
 ``box_area(box_x0, box_y0, box_x1, box_y1)`` = ``(box_x1 - box_x0) * (box_y1 - box_y0)``
 and ``image_fraction(mask_area, image_width, image_height)`` = the share of the image the
-mask covers. :func:`masks` turns a query result into binary masks.
+mask covers; and the mask functions of :mod:`segpipe.analytics.mask_sql` (``mask_iou``,
+``mask_intersection``, ``mask_area``, ``mask_bbox``). :func:`masks` turns a query result
+into binary masks.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from segpipe import layout
+from segpipe.analytics.mask_sql import register_duckdb
 from segpipe.core.encode import decode_mask
 from segpipe.io import fs_root
 from segpipe.layout import TABLES
@@ -57,6 +60,7 @@ def connect(output: str) -> duckdb.DuckDBPyConnection:
         )
     for macro in MACROS:
         con.execute(macro)
+    register_duckdb(con)
     return con
 
 
