@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     _export_flags(sub.add_parser("export", help="a run as COCO results (and dataset) JSON"))
     _ddl_flags(sub.add_parser("ddl", help="CREATE TABLE for an output in another SQL engine"))
     _render_flags(sub.add_parser("render", help="PNG overlays of a sample of images + index.html"))
+    _report_flags(sub.add_parser("report", help="a run at a glance: plots and its record in HTML"))
+    _compare_flags(sub.add_parser("compare", help="two runs of the same images, object by object"))
     _bench_flags(sub.add_parser("bench", help="bare model vs whole pipeline vs non-model stages"))
     demo = sub.add_parser("demo", help="the whole job on generated images in a local S3")
     demo.add_argument(
@@ -145,6 +147,33 @@ def _render_flags(render: argparse.ArgumentParser) -> None:
     render.add_argument("--limit", type=int, default=50, help="images to draw (default 50)")
     render.add_argument(
         "--min-score", type=float, default=0.5, help="without --where: draw these (default 0.5)"
+    )
+
+
+def _report_flags(report: argparse.ArgumentParser) -> None:
+    report.add_argument("--output", required=True, metavar="URI", help="the output holding the run")
+    report.add_argument("--to", required=True, metavar="DIR", help="folder (or URI) to write")
+    report.add_argument("--run-id", help="the run to describe (default: the output's only run)")
+
+
+def _compare_flags(compare: argparse.ArgumentParser) -> None:
+    compare.add_argument("--output", required=True, metavar="URI", help="the output with the runs")
+    compare.add_argument(
+        "--run",
+        action="append",
+        metavar="RUN_ID",
+        help="give it twice: run A (the reference), then run B",
+    )
+    compare.add_argument(
+        "--iou", type=float, default=0.5, help="least mask IoU of a matched pair (default 0.5)"
+    )
+    compare.add_argument("--to", metavar="DIR", help="write comparison.json and index.html here")
+    compare.add_argument("--top", type=int, default=12, help="most different images (default 12)")
+    compare.add_argument(
+        "--ap-images",
+        type=int,
+        default=5000,
+        help="images the COCO AP sample holds, by image_id (default 5000; 0: no AP)",
     )
 
 
@@ -235,6 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return export_command(args)
         if args.command == "render":
             return render_command(args)
+        if args.command == "report":
+            return report_command(args)
+        if args.command == "compare":
+            return compare_command(args)
         if args.command == "bench":
             return bench_command(args)
         if args.command == "ddl":
@@ -433,6 +466,46 @@ def render_command(args: argparse.Namespace) -> int:
         f"run {run_id}: {len(drawn) - len(missing)} overlays and index.html -> "
         f"{redact(args.to)}" + (f" ({len(missing)} images could not be read)" if missing else "")
     )
+    return 0
+
+
+def report_command(args: argparse.Namespace) -> int:
+    from segpipe.analytics.query import connect, pick_run
+    from segpipe.analytics.report import run_record, write_report
+    from segpipe.io import redact
+
+    con = connect(args.output)
+    run_id = pick_run(con, args.run_id)
+    report = write_report(con, run_id, args.to, record=run_record(args.output, run_id))
+    con.close()
+    print(
+        f"run {run_id}: {len(report.figures)} plots and index.html -> {redact(args.to)}"
+        + ("" if report.has_record else " (the output has no run record for it)")
+    )
+    return 0
+
+
+def compare_command(args: argparse.Namespace) -> int:
+    from segpipe.analytics.compare import compare, format_comparison, write_comparison
+    from segpipe.analytics.query import connect
+    from segpipe.io import redact
+
+    runs = args.run or []
+    if len(runs) != 2:
+        raise ValueError(f"compare takes --run exactly twice (A, then B), got {len(runs)}")
+    con = connect(args.output)
+    result = compare(con, runs[0], runs[1], iou=args.iou, top=args.top, ap_images=args.ap_images)
+    con.close()
+    print(format_comparison(result))
+    if args.to:
+        drawn = write_comparison(result, args.to)
+        missing = [d for d in drawn if d.file_name is None]
+        for item in missing:
+            print(f"not drawn: {redact(item.image.uri)}: {item.problem}", file=sys.stderr)
+        print(
+            f"comparison.json, {len(drawn) - len(missing)} side-by-side images and index.html "
+            f"-> {redact(args.to)}"
+        )
     return 0
 
 

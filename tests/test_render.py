@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +12,7 @@ from PIL import Image
 from segpipe.analytics.render import class_colour
 from segpipe.cli import main
 from segpipe.tools.shapes import generate, write_dataset
+from tests.browser import loaded_dom
 from tests.outputs import SHAPES_LABELS, ground_truth_detections, write_output
 
 SEED, COUNT = 9, 8
@@ -88,34 +86,12 @@ def test_where_limit_and_missing_images(output: tuple[Path, Path], tmp_path: Pat
 
 
 def test_the_gallery_loads_in_chromium(output: tuple[Path, Path], tmp_path: Path) -> None:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        if os.environ.get("SEGPIPE_CI"):
-            pytest.fail("chromium is required in CI (SEGPIPE_CI is set)")
-        pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
     out, _ = output
     gallery = tmp_path / "gallery"
     assert main(["render", "--output", str(out), "--to", str(gallery)]) == 0
-    result = subprocess.run(
-        [
-            browser,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            "--allow-file-access-from-files",
-            "--virtual-time-budget=10000",
-            "--dump-dom",
-            (gallery / "index.html").as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    dom = result.stdout
-    assert f'data-images-total="{COUNT}"' in dom, result.stderr[-2000:]
-    assert f'data-images-loaded="{COUNT}"' in dom, result.stderr[-2000:]
+    dom, stderr = loaded_dom(gallery / "index.html", tmp_path / "profile")
+    assert f'data-images-total="{COUNT}"' in dom, stderr
+    assert f'data-images-loaded="{COUNT}"' in dom, stderr
     assert dom.count("<img") == COUNT
 
 

@@ -174,22 +174,40 @@ def _draw(
     """The overlay of the image at ``uri`` as PNG bytes, read again and drawn with ``rows``
     (``label, score, box_x0, box_y0, box_x1, box_y1, mask_rle, image_height, image_width``);
     None, and the problem in the :class:`Rendered`, where it cannot be drawn."""
+    pixels = read_pixels(uri)
+    if isinstance(pixels, str):
+        return Rendered(image_id, uri, None, len(rows), pixels), None
+    drawn = overlay_rows(pixels, rows)
+    if isinstance(drawn, str):
+        return Rendered(image_id, uri, None, len(rows), drawn), None
+    buf = io.BytesIO()
+    drawn.save(buf, format="PNG")
+    return Rendered(image_id, uri, f"{image_id}.png", len(rows)), buf.getvalue()
+
+
+def read_pixels(uri: str) -> np.ndarray | str:
+    """The image at ``uri`` read again and decoded upright (RGB uint8 ``(H, W, 3)``, the
+    coordinates the rows use), or, as a string, why it cannot be."""
     try:
         decoded = decode_image(read_bytes(uri))
     except Exception as exc:
-        return Rendered(image_id, uri, None, len(rows), f"{type(exc).__name__}: {exc}"), None
+        return f"{type(exc).__name__}: {exc}"
     if not isinstance(decoded, DecodedImage):
-        return Rendered(image_id, uri, None, len(rows), decoded.message), None
+        return decoded.message
+    return decoded.pixels
+
+
+def overlay_rows(pixels: np.ndarray, rows: Sequence[tuple[Any, ...]]) -> Image.Image | str:
+    """:func:`overlay` of instance rows (``label, score, box_x0, box_y0, box_x1, box_y1,
+    mask_rle, image_height, image_width``) on ``pixels``; or, as a string, the problem when
+    the stored masks are not of the image's size (it changed since the run)."""
     instances = [
         (label, float(score), x0, y0, x1, y1, decode_mask(rle, h, w) > 0)
         for label, score, x0, y0, x1, y1, rle, h, w in rows
     ]
-    if instances and instances[0][-1].shape != decoded.pixels.shape[:2]:
-        problem = "the image changed since the run: its size differs from the stored one"
-        return Rendered(image_id, uri, None, len(rows), problem), None
-    buf = io.BytesIO()
-    overlay(decoded.pixels, instances).save(buf, format="PNG")
-    return Rendered(image_id, uri, f"{image_id}.png", len(rows)), buf.getvalue()
+    if instances and instances[0][-1].shape != pixels.shape[:2]:
+        return "the image changed since the run: its size differs from the stored one"
+    return overlay(pixels, instances)
 
 
 def gallery_html(
@@ -207,7 +225,7 @@ def gallery_html(
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>segpipe run {e(run_id)}</title>
-{_STYLE}</head>
+{STYLE}</head>
 <body data-images-total="{sum(d.file_name is not None for d in drawn)}">
 <h1>segpipe run {e(run_id)}</h1>
 <p>{len(drawn)} images; instances where <code>{e(selection)}</code>.</p>
@@ -217,12 +235,12 @@ def gallery_html(
 <div class="grid">
 {figures}
 </div>
-{_SCRIPT}
+{LOAD_CHECK_SCRIPT}
 </body></html>
 """
 
 
-_STYLE = """<style>
+STYLE = """<style>
 body { font-family: sans-serif; margin: 1.5em; }
 table { border-collapse: collapse; margin-bottom: 1.5em; }
 td, th { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }
@@ -235,7 +253,7 @@ figcaption { font-size: 0.8em; word-break: break-all; }
 </style>"""
 
 # Sets <body data-images-loaded> to the number of overlays the browser decoded.
-_SCRIPT = """<script>
+LOAD_CHECK_SCRIPT = """<script>
 window.addEventListener("load", () => {
   const loaded = [...document.images].filter((i) => i.complete && i.naturalWidth > 0);
   document.body.dataset.imagesLoaded = String(loaded.length);
