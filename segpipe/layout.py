@@ -21,9 +21,13 @@ returns the location under it.
 
 from __future__ import annotations
 
+from segpipe.schema import IMAGES_SCHEMA, INSTANCES_SCHEMA
+
 IMAGES_DIR = "images"
 INSTANCES_DIR = "instances"
 TABLES = (IMAGES_DIR, INSTANCES_DIR)  # publish order: an image's row before its instances
+# Each table's columns (segpipe.schema), by the table's name.
+TABLE_SCHEMAS = {IMAGES_DIR: IMAGES_SCHEMA, INSTANCES_DIR: INSTANCES_SCHEMA}
 RUNS_DIR = "_runs"
 COMMITS_DIR = "_commits"
 STAGING_DIR = "_staging"

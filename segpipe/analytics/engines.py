@@ -16,11 +16,10 @@ import pyarrow as pa
 
 from segpipe import layout
 from segpipe.analytics.mask_sql import FUNCTIONS
-from segpipe.layout import IMAGES_DIR, INSTANCES_DIR, TABLES
-from segpipe.schema import IMAGES_SCHEMA, INSTANCES_SCHEMA
+from segpipe.layout import TABLE_SCHEMAS, TABLES
 
 ENGINES = ("athena", "trino", "bigquery", "spark")
-SCHEMAS = {IMAGES_DIR: IMAGES_SCHEMA, INSTANCES_DIR: INSTANCES_SCHEMA}
+SCHEMAS = TABLE_SCHEMAS
 _Columns = Sequence[tuple[str, str]]  # (name, engine type)
 
 _TYPES = {

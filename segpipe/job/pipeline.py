@@ -63,7 +63,6 @@ from segpipe.job.inputs import (
 from segpipe.job.lease import LeaseLostError, RunLease
 from segpipe.job.runs import RunSummary
 from segpipe.job.stages import (
-    TABLE_SCHEMAS,
     Segment,
     distinct_images,
     encode_rows,
@@ -75,7 +74,7 @@ from segpipe.job.stages import (
     with_image_ids,
 )
 from segpipe.job.writer import write_rows
-from segpipe.layout import INSTANCES_DIR
+from segpipe.layout import INSTANCES_DIR, TABLE_SCHEMAS
 
 log = logging.getLogger(__name__)
 

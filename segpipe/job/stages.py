@@ -50,7 +50,7 @@ from segpipe.core.rows import (
 from segpipe.io import read_bytes, redact
 from segpipe.job.inputs import COPIES_COLUMN, EXTRAS_COLUMN, canonical_uri, unpack_extras
 from segpipe.job.timeline import ActorMarks
-from segpipe.layout import IMAGES_DIR, INSTANCES_DIR
+from segpipe.layout import INSTANCES_DIR
 from segpipe.schema import (
     BAD_URI,
     IMAGES_SCHEMA,
@@ -130,15 +130,32 @@ def load_batch(
 
     with ThreadPoolExecutor(max_workers=max(1, min(io_threads, len(uris)))) as pool:
         fetched = list(pool.map(get, range(len(uris))))
-    n = len(uris)
     out: Batch = {k: v for k, v in batch.items() if k not in _LOAD_COLUMNS}
+    out["uri"] = np.array(uris, dtype=object)
+    out["image_id"] = np.array([image_id(u) for u in uris], dtype=object)
+    out.update(_decode_all(fetched, decode, None if decode.full_resolution else fit))
+    # Rows ordered by aspect ratio, error rows last: the model's batches are runs of
+    # consecutive rows, and images of one shape pad less when batched. (Row order carries no
+    # meaning in the output.)
+    ok = out["status"] == STATUS_OK
+    ratio = np.where(ok, out["width"] / np.maximum(out["height"], 1), np.inf)
+    order = np.argsort(ratio, kind="stable")
+    return {k: v[order] for k, v in out.items()}
+
+
+def _decode_all(
+    fetched: list[bytes | Failure], decode: DecodeConfig, fit: tuple[int, int] | None
+) -> Batch:
+    """The columns ``load_batch`` adds, from each row's bytes or failure: ``width``,
+    ``height`` (-1 where unknown), ``status``, ``error_code``, ``error`` and ``pixels``
+    (an empty image for a failure). Each row's bytes are let go of once decoded."""
+    n = len(fetched)
     width = np.full(n, -1, dtype=np.int32)
     height = np.full(n, -1, dtype=np.int32)
     status = np.empty(n, dtype=object)
     error_code = np.full(n, "", dtype=object)
     error = np.full(n, "", dtype=object)
     pixels = np.empty(n, dtype=object)
-    fit = None if decode.full_resolution else fit
     for i, got in enumerate(fetched):
         fetched[i] = b""  # the encoded bytes are not needed once decoded
         if isinstance(got, Failure):
@@ -154,16 +171,14 @@ def load_batch(
             width[i] = -1 if result.width is None else result.width
             height[i] = -1 if result.height is None else result.height
             pixels[i] = np.zeros((0, 0, 3), dtype=np.uint8)
-    out["uri"] = np.array(uris, dtype=object)
-    out["image_id"] = np.array([image_id(u) for u in uris], dtype=object)
-    out.update(width=width, height=height, status=status, error_code=error_code, error=error)
-    out["pixels"] = pixels
-    # Rows ordered by aspect ratio, error rows last: the model's batches are runs of
-    # consecutive rows, and images of one shape pad less when batched. (Row order carries no
-    # meaning in the output.)
-    ratio = np.where(status == STATUS_OK, width / np.maximum(height, 1), np.inf)
-    order = np.argsort(ratio, kind="stable")
-    return {k: v[order] for k, v in out.items()}
+    return {
+        "width": width,
+        "height": height,
+        "status": status,
+        "error_code": error_code,
+        "error": error,
+        "pixels": pixels,
+    }
 
 
 # What a load_batch task's fetched file takes before it is decoded (a 12-24 MP JPEG: 3-8 MB).
@@ -421,12 +436,8 @@ def split_tables(rows: pa.Table) -> tuple[pa.Table, pa.Table]:
     return images, pa.Table.from_arrays(columns, schema=INSTANCES_SCHEMA)
 
 
-# The tables segpipe.segment can hand back, by name.
-TABLE_SCHEMAS = {IMAGES_DIR: IMAGES_SCHEMA, INSTANCES_DIR: INSTANCES_SCHEMA}
-
-
 def one_table(rows: pa.Table, table: str) -> pa.Table:
-    """One of the two tables (:data:`TABLE_SCHEMAS`) of encoded per-image rows."""
+    """One of the two tables (``images`` or ``instances``) of encoded per-image rows."""
     images, instances = split_tables(rows)
     return instances if table == INSTANCES_DIR else images.select(IMAGES_SCHEMA.names)
 
