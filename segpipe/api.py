@@ -8,9 +8,10 @@
 
 Settings are the ``segpipe run`` flags' names in Python form (``score_threshold=0.7``,
 ``min_actors=2``), flat: each goes to :class:`~segpipe.config.RunConfig`,
-:class:`~segpipe.config.ModelConfig` or :class:`~segpipe.config.DecodeConfig`, whichever
-declares it; a name none declares is a ``TypeError`` that lists them. Importing segpipe
-imports neither Ray nor torch: each function imports what it needs when called.
+:class:`~segpipe.config.ModelConfig`, :class:`~segpipe.config.DecodeConfig` or
+:class:`~segpipe.config.TileConfig`, whichever declares it; a name none declares is a
+``TypeError`` that lists them. Importing segpipe imports neither Ray nor torch: each
+function imports what it needs when called.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 from dataclasses import fields, replace
 from typing import TYPE_CHECKING, Any
 
-from segpipe.config import DecodeConfig, ModelConfig, RunConfig
+from segpipe.config import DecodeConfig, ModelConfig, RunConfig, TileConfig
 
 if TYPE_CHECKING:
     import duckdb
@@ -74,11 +75,12 @@ def segment(
     nothing is written, no run is recorded, and repeated URIs are segmented each time."""
     from segpipe.job.pipeline import segment as segment_dataset
 
-    unknown = set(settings) - _names(ModelConfig) - _names(DecodeConfig) - set(SEGMENT_SETTINGS)
+    known = set(SEGMENT_SETTINGS).union(*(_names(kind) for kind in _NESTED.values()))
+    unknown = set(settings) - known
     if unknown:
         raise TypeError(
-            f"segment() takes no setting {sorted(unknown)[0]!r}; it takes the model's and the "
-            f"decode's settings and {', '.join(SEGMENT_SETTINGS)}"
+            f"segment() takes no setting {sorted(unknown)[0]!r}; it takes the model's, the "
+            f"decode's and the tiling's settings and {', '.join(SEGMENT_SETTINGS)}"
         )
     cfg = _config(None, {"output": _NO_OUTPUT, "inputs": (_NO_OUTPUT,), **settings})
     return segment_dataset(
@@ -102,22 +104,23 @@ def _names(cls: type) -> set[str]:
     return {f.name for f in fields(cls)}
 
 
+# The configs nested in RunConfig whose settings are also taken by their own names.
+_NESTED: dict[str, type] = {"model": ModelConfig, "decode": DecodeConfig, "tiles": TileConfig}
+
+
 def _config(cfg: RunConfig | None, settings: dict[str, Any]) -> RunConfig:
     """``cfg`` (or the defaults) with ``settings`` put where their names are declared."""
-    where: dict[str, dict[str, Any]] = {"run": {}, "model": {}, "decode": {}}
+    where: dict[str, dict[str, Any]] = {"run": {}, **{name: {} for name in _NESTED}}
     for name, value in settings.items():
         value = tuple(value) if isinstance(value, list) else value
-        if name in _names(RunConfig):
-            where["run"][name] = value
-        elif name in _names(ModelConfig):
-            where["model"][name] = value
-        elif name in _names(DecodeConfig):
-            where["decode"][name] = value
-        else:
+        home = "run" if name in _names(RunConfig) else None
+        home = home or next((n for n, kind in _NESTED.items() if name in _names(kind)), None)
+        if home is None:
             raise TypeError(
-                f"unknown setting {name!r}: see segpipe.config.RunConfig, ModelConfig and "
-                "DecodeConfig (the `segpipe run` flags, in Python form)"
+                f"unknown setting {name!r}: see segpipe.config.RunConfig, ModelConfig, "
+                "DecodeConfig and TileConfig (the `segpipe run` flags, in Python form)"
             )
+        where[home][name] = value
     run_settings = where["run"]
     base = cfg
     if base is None:
@@ -126,13 +129,9 @@ def _config(cfg: RunConfig | None, settings: dict[str, Any]) -> RunConfig:
         base = RunConfig(**run_settings)
     elif run_settings:
         base = replace(base, **run_settings)
-    model, decode = base.model, base.decode
-    if "model" not in run_settings and where["model"]:
-        model = replace(model, **where["model"])
-    elif where["model"]:
-        raise TypeError("give either model= or the model's settings, not both")
-    if "decode" not in run_settings and where["decode"]:
-        decode = replace(decode, **where["decode"])
-    elif where["decode"]:
-        raise TypeError("give either decode= or the decode settings, not both")
-    return replace(base, model=model, decode=decode)
+    nested: dict[str, Any] = {}
+    for name in _NESTED:
+        if where[name] and name in run_settings:
+            raise TypeError(f"give either {name}= or its settings, not both")
+        nested[name] = replace(getattr(base, name), **where[name])
+    return replace(base, **nested)

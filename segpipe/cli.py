@@ -31,6 +31,7 @@ from segpipe.config import (
     INPUT_GROUP,
     MODEL_GROUP,
     SCALE_GROUP,
+    TILE_GROUP,
     BenchConfig,
     Flag,
     RunConfig,
@@ -41,7 +42,7 @@ from segpipe.layout import TABLES
 log = logging.getLogger("segpipe")
 
 # The order of `segpipe run`'s flags: by group (None: the ungrouped ones), then by field.
-_RUN_GROUPS = (INPUT_GROUP, None, MODEL_GROUP, SCALE_GROUP, ERRORS_GROUP)
+_RUN_GROUPS = (INPUT_GROUP, None, MODEL_GROUP, TILE_GROUP, SCALE_GROUP, ERRORS_GROUP)
 # Names in a run's namespace (and tolerated in its config file) that are no setting.
 _NOT_SETTINGS = {"command", "verbose", "config"}
 

@@ -20,6 +20,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # 50 megapixels: an 8660x5773 photo. Mask R-CNN rescales to a short side of 800 anyway; larger
 # inputs cost memory (3 bytes a pixel decoded, 12 as a float tensor) without adding detail.
 DEFAULT_MAX_PIXELS = 50_000_000
+# A tiled image is decoded whole at native resolution (3 bytes a pixel, plus Pillow's copy
+# while decoding): 500 megapixels is 1.5 GB decoded, 22,360 px a side.
+DEFAULT_TILE_MAX_PIXELS = 500_000_000
 FP16_ON_CPU = (
     "precision fp16 is for GPUs: on a CPU, fp16 autocast runs R50-FPN many times slower than "
     "bf16; use bf16 (or fp32) there"
@@ -33,6 +36,9 @@ INPUT_GROUP = "input (one of)"
 MODEL_GROUP = "model"
 SCALE_GROUP = "scale"
 ERRORS_GROUP = "error budget"
+TILE_GROUP = "huge images (tiled inference)"
+# The least tile side: the model's feature maps are strided up to 32 (64 with the pool).
+MIN_TILE = 64
 # What one output Parquet file holds at most, as the Arrow size of its rows (RunConfig).
 MAX_FILE_BYTES = 512 * 1024**2
 
@@ -246,6 +252,89 @@ class DecodeConfig:
             raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
 
 
+@dataclass(frozen=True)
+class TileConfig:
+    """Tiled inference for huge images (aerial scenes, slides, shelf scans): an image of more
+    than ``tile_above`` pixels is decoded at native resolution and cut into overlapping
+    ``tile`` x ``tile`` tiles, each a model input of its own; the detections of its tiles are
+    merged into the image's instances (:mod:`segpipe.core.tiles`). Off while ``tile`` is 0.
+    """
+
+    tile: int = field(
+        default=0,
+        metadata=flag(
+            "cut images of more than --tile-above pixels into tiles of this side (native "
+            "pixels; the model's min size keeps them at native scale); 0: never",
+            group=TILE_GROUP,
+            metavar="PIXELS",
+        ),
+    )
+    tile_overlap: int = field(
+        default=128,
+        metadata=flag(
+            "pixels neighbouring tiles share at least (objects up to this size are whole in "
+            "one tile)",
+            group=TILE_GROUP,
+            metavar="PIXELS",
+        ),
+    )
+    tile_above: int = field(
+        default=DEFAULT_MAX_PIXELS,
+        metadata=flag(
+            "tile the images of more pixels than this; smaller ones go through whole",
+            group=TILE_GROUP,
+            metavar="PIXELS",
+        ),
+    )
+    tile_max_pixels: int = field(
+        default=DEFAULT_TILE_MAX_PIXELS,
+        metadata=flag(
+            "refuse tiled images of more pixels than this (--max-pixels bounds the others)",
+            group=TILE_GROUP,
+            metavar="PIXELS",
+        ),
+    )
+    tile_match_iou: float = field(
+        default=0.5,
+        metadata=flag(
+            "two detections of one class from overlapping tiles are one object when their "
+            "masks' IoU within the tiles' shared area is at least this",
+            group=TILE_GROUP,
+        ),
+    )
+    tile_max_detections: int = field(
+        default=1000,
+        metadata=flag("keep at most this many instances per tiled image", group=TILE_GROUP),
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.tile > 0
+
+    def tiled(self, height: int, width: int) -> bool:
+        """Whether an image of ``height`` x ``width`` is cut into tiles: over ``tile_above``
+        pixels and larger than one tile (an image within one tile goes through whole)."""
+        return (
+            self.enabled
+            and height * width > self.tile_above
+            and (height > self.tile or width > self.tile)
+        )
+
+    def __post_init__(self) -> None:
+        if self.tile < 0 or 0 < self.tile < MIN_TILE:
+            raise ValueError(f"tile must be 0 (off) or at least {MIN_TILE} pixels, got {self.tile}")
+        if self.tile and not 0 <= self.tile_overlap <= self.tile // 2:
+            raise ValueError(
+                f"tile_overlap must be in [0, tile / 2] = [0, {self.tile // 2}], got "
+                f"{self.tile_overlap}"
+            )
+        for name in ("tile_above", "tile_max_pixels", "tile_max_detections"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.tile_match_iou <= 1.0:
+            raise ValueError(f"tile_match_iou must be in (0, 1], got {self.tile_match_iou}")
+
+
 RUN_ID_PATTERN = r"[A-Za-z][A-Za-z0-9._-]{0,127}"
 DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -309,6 +398,7 @@ class RunConfig:
     )
     model: ModelConfig = ModelConfig()
     decode: DecodeConfig = DecodeConfig()
+    tiles: TileConfig = TileConfig()
     batch_size: int = field(default=4, metadata=flag("images per model call", group=SCALE_GROUP))
     load_batch_size: int = field(
         default=16, metadata=flag("images per read+decode task", group=SCALE_GROUP)

@@ -63,7 +63,7 @@ ERROR_CODES = (
 # The tables' schema version, "major.minor", in every Parquet file's key-value metadata
 # (SCHEMA_VERSION_KEY) and in every run record. A new major renames, retypes or drops
 # columns: readers refuse a major they do not know. A new minor only adds columns.
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 SCHEMA_VERSION_KEY = "segpipe.schema_version"
 
 
@@ -139,6 +139,9 @@ IMAGES_SCHEMA = pa.schema(
         # Human-readable message naming the cause; null if ok.
         pa.field("error", pa.string()),
         pa.field("num_instances", pa.int32(), nullable=False),
+        # How many tiles the image was cut into for the model (--tile); 0: it went whole.
+        # Added in schema version 1.1: files of 1.0 lack it (readers see NULL).
+        pa.field("tiles", pa.int32(), nullable=False),
     ]
 )
 

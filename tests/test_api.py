@@ -136,6 +136,8 @@ def test_settings_go_where_they_are_declared() -> None:
     assert cfg.inputs == ("/a", "/b") and cfg.model.score_threshold == 0.7
     cfg = _config(cfg, {"full_resolution": True, "run_id": "r1"})
     assert cfg.decode.full_resolution and cfg.run_id == "r1" and cfg.model.score_threshold == 0.7
+    cfg = _config(cfg, {"tile": 512, "tile_overlap": 64})
+    assert (cfg.tiles.tile, cfg.tiles.tile_overlap, cfg.decode.full_resolution) == (512, 64, True)
     with pytest.raises(TypeError, match="unknown setting 'scor_threshold'"):
         _config(None, {"output": "/o", "inputs": ["/a"], "scor_threshold": 0.7})
     with pytest.raises(TypeError, match="either model= or"):

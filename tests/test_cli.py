@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from segpipe.cli import build_parser, main, run_config
-from segpipe.config import BenchConfig, DecodeConfig, ModelConfig, RunConfig
+from segpipe.config import BenchConfig, DecodeConfig, ModelConfig, RunConfig, TileConfig
 from segpipe.job.stages import image_rows
 from segpipe.job.writer import write_rows
 from tests.conftest import run_isolated
@@ -99,9 +99,9 @@ def test_every_setting_is_a_flag_of_run() -> None:
     run = _parsers()["run"]
     dests = {a.dest for a in run._actions}
     options = {o for a in run._actions for o in a.option_strings}
-    for cls in (RunConfig, ModelConfig, DecodeConfig):
+    for cls in (RunConfig, ModelConfig, DecodeConfig, TileConfig):
         for f in dataclasses.fields(cls):
-            if f.name in ("model", "decode"):
+            if f.name in ("model", "decode", "tiles"):
                 continue
             if "flag" in f.metadata:
                 assert (f.metadata["flag"].dest or f.name) in dests, f.name
@@ -118,12 +118,16 @@ def test_every_setting_is_a_flag_of_run() -> None:
     argv = "run --input /a /b --input /c --output /out --extensions png,jpg --uri-column u"
     argv += " --score-threshold 0.25 --max-pixels 1000 --cudnn-benchmark --actors 2:5"
     argv += " --gpus-per-actor 0.5 --partition-by none --images-per-file 7"
+    argv += " --tile 512 --tile-overlap 64 --tile-above 1000000 --tile-match-iou 0.3"
     cfg = run_config(parse(argv.split()))
     assert cfg.inputs == ("/a", "/b", "/c") and cfg.extensions == ("png", "jpg")
     assert cfg.uri_column == "u" and cfg.images_per_file == 7 and cfg.partition_by == ()
     assert (cfg.min_actors, cfg.max_actors, cfg.gpus_per_actor) == (2, 5, 0.5)
     assert cfg.model == ModelConfig(score_threshold=0.25, cudnn_benchmark=True)
     assert cfg.decode == DecodeConfig(max_pixels=1000)
+    assert cfg.tiles == TileConfig(
+        tile=512, tile_overlap=64, tile_above=1_000_000, tile_match_iou=0.3
+    )
     helps = {a.dest: a.help for a in run._actions}
     assert helps["batch_size"] == "images per model call (default: 4)"
     assert helps["partition_by"].endswith("(default: run_id)")

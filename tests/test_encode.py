@@ -122,15 +122,15 @@ def test_mask_size_must_match_the_image() -> None:
 
 
 def test_images_table_ok_and_error_rows() -> None:
-    ok = ImageRecord.ok(ImageRef("r", "i1", "u1", 30, 20), num_instances=3)
+    ok = ImageRecord.ok(ImageRef("r", "i1", "u1", 30, 20), num_instances=3, tiles=6)
     bad = ImageRecord.failed("r", "i2", "u2", Failure("truncated", "JPEG data is truncated"))
     table = images_table([ok, bad])
     assert table.schema == IMAGES_SCHEMA
     assert table.to_pylist() == [
         dict(run_id="r", image_id="i1", uri="u1", width=30, height=20, status="ok",
-             error_code=None, error=None, num_instances=3),
+             error_code=None, error=None, num_instances=3, tiles=6),
         dict(run_id="r", image_id="i2", uri="u2", width=None, height=None, status="error",
-             error_code="truncated", error="JPEG data is truncated", num_instances=0),
+             error_code="truncated", error="JPEG data is truncated", num_instances=0, tiles=0),
     ]  # fmt: skip
     assert images_table([]).schema == IMAGES_SCHEMA
 

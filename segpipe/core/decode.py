@@ -21,7 +21,9 @@ Contract of :func:`decode_image`:
   scaled to 8 bits by keeping the high byte (``value >> 8``); 32-bit float images are taken to
   lie in 0..1. Multi-frame files (GIF, TIFF, WebP) yield their first frame.
 - Images with more than ``max_pixels`` pixels are refused from their header, before their
-  pixels are decoded (decompression bombs).
+  pixels are decoded (decompression bombs). With tiling (:class:`segpipe.config.TileConfig`),
+  an image of more than ``tile_above`` pixels is decoded at full resolution for its tiles,
+  and ``tile_max_pixels`` is its limit instead.
 - It never raises for bad input: every failure is a :class:`segpipe.schema.Failure` with
   an error code and a message naming the cause.
 """
@@ -36,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from segpipe.config import DEFAULT_MAX_PIXELS
+from segpipe.config import DEFAULT_MAX_PIXELS, TileConfig
 from segpipe.schema import CORRUPT, EMPTY, NOT_AN_IMAGE, TOO_LARGE, TRUNCATED, Failure
 
 # Decoded at the model's scale, no side goes under this many pixels (thinner images are
@@ -82,16 +84,19 @@ def decode_image(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     fit: tuple[int, int] | None = None,
+    tiling: TileConfig | None = None,
 ) -> DecodedImage | Failure:
     """Decode encoded image bytes (JPEG, PNG, GIF, WebP, TIFF, BMP, ...) to upright RGB;
-    with ``fit=(min_size, max_size)``, a large image at the model's input size."""
+    with ``fit=(min_size, max_size)``, a large image at the model's input size. With
+    ``tiling``, an image it tiles is decoded in full (at native resolution, whatever
+    ``fit``), and refused over ``tiling.tile_max_pixels`` instead of ``max_pixels``."""
     if len(data) == 0:
         return Failure(EMPTY, "empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             # Our own max_pixels check below is the authority; silence Pillow's warning.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = _open(data, tiling)
     except UnidentifiedImageError:
         return Failure(NOT_AN_IMAGE, f"not an image: {_describe_non_image(data)}")
     except Image.DecompressionBombError as exc:
@@ -101,11 +106,14 @@ def decode_image(
         return Failure(CORRUPT, f"unreadable image header: {_exc_text(exc)}")
 
     width, height = image.size
-    if width * height > max_pixels:
+    limit, setting = max_pixels, "max_pixels"
+    if tiling is not None and tiling.tiled(height, width):
+        limit, setting, fit = tiling.tile_max_pixels, "tile_max_pixels", None
+    if width * height > limit:
         return Failure(
             TOO_LARGE,
             f"image of {width}x{height} = {width * height} pixels exceeds the limit of "
-            f"{max_pixels} pixels (max_pixels); refused before decoding",
+            f"{limit} pixels ({setting}); refused before decoding",
             width=width,
             height=height,
         )
@@ -132,6 +140,21 @@ def decode_image(
         pixels = np.asarray(_shrunk(Image.fromarray(pixels), target))
     size = (width, height) if _orientation(image) in _SWAPPING_ORIENTATIONS else (height, width)
     return DecodedImage(np.ascontiguousarray(pixels), size=size)
+
+
+def _open(data: bytes, tiling: TileConfig | None) -> Image.Image:
+    """``Image.open``; with tiling on, Pillow's own guard (an error over twice its
+    ``MAX_IMAGE_PIXELS``, 179 megapixels) moved above ``tile_max_pixels``, which
+    :func:`decode_image` checks itself from the header. Decoding is one image at a time in
+    a task, so the module-wide setting is restored at once."""
+    if tiling is None or not tiling.enabled:
+        return Image.open(io.BytesIO(data))
+    guard = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max(guard or 0, tiling.tile_max_pixels)
+    try:
+        return Image.open(io.BytesIO(data))
+    finally:
+        Image.MAX_IMAGE_PIXELS = guard
 
 
 def _orientation(image: Image.Image) -> int:

@@ -107,9 +107,10 @@ class ImageRecord:
     error_code: str | None
     error: str | None
     num_instances: int
+    tiles: int = 0  # how many tiles the image was cut into for the model; 0: whole
 
     @classmethod
-    def ok(cls, ref: ImageRef, num_instances: int) -> ImageRecord:
+    def ok(cls, ref: ImageRef, num_instances: int, tiles: int = 0) -> ImageRecord:
         return cls(
             ref.run_id,
             ref.image_id,
@@ -120,12 +121,24 @@ class ImageRecord:
             None,
             None,
             num_instances,
+            tiles,
         )
 
     @classmethod
-    def failed(cls, run_id: str, image_id: str, uri: str, err: Failure) -> ImageRecord:
+    def failed(
+        cls, run_id: str, image_id: str, uri: str, err: Failure, tiles: int = 0
+    ) -> ImageRecord:
         return cls(
-            run_id, image_id, uri, err.width, err.height, STATUS_ERROR, err.code, err.message, 0
+            run_id,
+            image_id,
+            uri,
+            err.width,
+            err.height,
+            STATUS_ERROR,
+            err.code,
+            err.message,
+            0,
+            tiles,
         )
 
 

@@ -60,6 +60,9 @@ class WriteCounts:
     # Input rows dropped because another row named the same image (same image_id): a
     # manifest that repeats a URI, or overlapping --input prefixes. Not images rows.
     duplicates: int = 0
+    # Images cut into tiles for the model (--tile), and their tiles all together.
+    tiled_images: int = 0
+    tiles: int = 0
     # Error images by error code, and for each code its smallest URI (an example that does
     # not depend on which task wrote what). Markers written before these existed lack them.
     errors: dict[str, int] = field(default_factory=dict)

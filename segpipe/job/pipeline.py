@@ -68,6 +68,7 @@ from segpipe.job.stages import (
     encode_rows,
     load_batch,
     load_batch_memory,
+    load_rows,
     ok_image_ids,
     one_table,
     segment_input,
@@ -309,7 +310,7 @@ def _build(
     if cfg.manifest is not None or len(cfg.inputs) > 1:
         # A listing of one input names each file once: only several inputs can overlap.
         ds = _distinct(ds)
-    ds = ds.repartition(target_num_rows_per_block=cfg.load_batch_size)
+    ds = ds.repartition(target_num_rows_per_block=load_rows(cfg.load_batch_size, cfg.tiles))
     assert cfg.run_id is not None  # resolved by runs.prepare
     return _segment_steps(ds, cfg, plan, fit, (cfg.output, cfg.run_id), extras)
 
@@ -325,15 +326,16 @@ def _segment_steps(
     """Input rows (``uri``, ``image_id``, carried columns) -> per-image rows with their
     instances nested and encoded: decode tasks, the model actors, encode tasks. Of ``cfg``
     only the model, decode, batch and thread settings and the run id are used."""
+    rows = load_rows(cfg.load_batch_size, cfg.tiles)
     ds = ds.map_batches(
-        partial(load_batch, decode=cfg.decode, fit=fit),
-        batch_size=cfg.load_batch_size,
+        partial(load_batch, decode=cfg.decode, fit=fit, tiling=cfg.tiles),
+        batch_size=rows,
         batch_format="numpy",
         num_cpus=1,
         # A reservation for the pixels a task holds. Because it differs from the actors'
         # resources it also keeps Ray from fusing decoding into the model actors, which
         # should spend their time on inference only.
-        memory=load_batch_memory(cfg.load_batch_size, cfg.decode, fit),
+        memory=load_batch_memory(rows, cfg.decode, fit, cfg.tiles),
     )
     ds = ds.map_batches(
         Segment,
@@ -343,6 +345,8 @@ def _segment_steps(
             "torch_threads": cfg.torch_threads,
             "timeline_to": timeline_to,
             "extras": extras if len(extras) else None,
+            "tiling": cfg.tiles,
+            "batch_size": cfg.batch_size,
         },
         batch_size=cfg.batch_size,
         batch_format="numpy",

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from segpipe import layout
-from segpipe.config import SHIPPED_WEIGHTS, RunConfig
+from segpipe.config import SHIPPED_WEIGHTS, RunConfig, TileConfig
 from segpipe.core.fingerprints import checked_fingerprint
 from segpipe.io import absolute, atomic_write, fs_root, is_local, redact
 from segpipe.job.budget import over_budget
@@ -78,6 +78,8 @@ class RunSummary:
     files: int
     duplicates: int
     seconds: float
+    tiled_images: int = 0  # images cut into tiles for the model (--tile)
+    tiles: int = 0  # their tiles
     resumed: int = 0  # images committed by earlier attempts of the run (--resume)
     skipped: int = 0  # input rows skipped as ok in earlier runs (--skip-done)
     skipped_from: int = 0  # how many earlier runs --skip-done read
@@ -98,6 +100,8 @@ class RunSummary:
     def describe(self) -> str:
         earlier = f", {self.resumed} of them from earlier attempts" if self.resumed else ""
         dropped = f", {self.duplicates} duplicate input rows dropped" if self.duplicates else ""
+        if self.tiled_images:
+            dropped += f", {self.tiled_images} cut into {self.tiles} tiles"
         if self.skipped or self.skipped_from:
             runs_ = f"{self.skipped_from} earlier run{'s' if self.skipped_from != 1 else ''}"
             dropped += f", {self.skipped} skipped as done in {runs_}"
@@ -436,6 +440,7 @@ def _listing(cfg: RunConfig, previous: dict[str, Any] | None) -> int | None:
 # runs that agree on these give an image the same rows (--skip-done reuses them).
 _SAME_ROWS: tuple[str | tuple[str, ...], ...] = (
     "decode",
+    "tiles",
     ("model", "arch"),
     ("model", "min_size"),
     ("model", "max_size"),
@@ -444,6 +449,8 @@ _SAME_ROWS: tuple[str | tuple[str, ...], ...] = (
     ("model", "max_detections"),
     ("model", "categories"),
 )
+# Settings added after records were first written, as a record without them ran: tiling off.
+_ADDED_LATER: dict[tuple[str, ...], Any] = {("tiles",): asdict(TileConfig())}
 # What must not change between the attempts of one run.
 _SAME_ON_RESUME = ("inputs", "manifest", "uri_column", "extensions", "partition_by", *_SAME_ROWS)
 
@@ -471,6 +478,8 @@ def settings_changes(
     for key in keys:
         path = key if isinstance(key, tuple) else (key,)
         old, new = _dig(before, path), _dig(now_, path)
+        if old is None and path in _ADDED_LATER:
+            old = _ADDED_LATER[path]  # a record from before the setting: its default then
         if isinstance(old, list | tuple) and isinstance(new, list | tuple):
             old, new = list(old), list(new)
         if old != new:

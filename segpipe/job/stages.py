@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from segpipe.config import DecodeConfig, ModelConfig
+from segpipe.config import DecodeConfig, ModelConfig, TileConfig
 from segpipe.core.decode import DecodedImage, decode_image
 from segpipe.core.detections import Detections
 from segpipe.core.encode import encode_windows
@@ -47,6 +47,7 @@ from segpipe.core.rows import (
     images_table,
     windowed_instances_table,
 )
+from segpipe.core.tiles import segment_tiled, tiles_of
 from segpipe.io import read_bytes, redact
 from segpipe.job.inputs import COPIES_COLUMN, EXTRAS_COLUMN, canonical_uri, unpack_extras
 from segpipe.job.timeline import ActorMarks
@@ -96,7 +97,11 @@ def fetch(uri: str) -> bytes | Failure:
 
 
 def load_batch(
-    batch: Batch, decode: DecodeConfig, fit: tuple[int, int] | None = None, io_threads: int = 16
+    batch: Batch,
+    decode: DecodeConfig,
+    fit: tuple[int, int] | None = None,
+    io_threads: int = 16,
+    tiling: TileConfig | None = None,
 ) -> Batch:
     """Read and decode every image of a batch; failures become error rows, never exceptions.
 
@@ -104,6 +109,9 @@ def load_batch(
     large images are decoded straight to the model's input size (``width`` and ``height``
     stay the full-resolution upright size: ``pixels`` may be smaller). Images are decoded one
     at a time, so at most one full-resolution decode is alive at once.
+
+    ``tiling``: the images it tiles are decoded in full, at native resolution, and bounded
+    by ``tiling.tile_max_pixels`` instead of ``decode.max_pixels``.
 
     A batch with a :data:`BYTES_COLUMN` is decoded from those bytes, the URIs only naming
     the images (nothing is read; a name that is not a valid URI is kept as given); a null
@@ -133,7 +141,7 @@ def load_batch(
     out: Batch = {k: v for k, v in batch.items() if k not in _LOAD_COLUMNS}
     out["uri"] = np.array(uris, dtype=object)
     out["image_id"] = np.array([image_id(u) for u in uris], dtype=object)
-    out.update(_decode_all(fetched, decode, None if decode.full_resolution else fit))
+    out.update(_decode_all(fetched, decode, None if decode.full_resolution else fit, tiling))
     # Rows ordered by aspect ratio, error rows last: the model's batches are runs of
     # consecutive rows, and images of one shape pad less when batched. (Row order carries no
     # meaning in the output.)
@@ -144,7 +152,10 @@ def load_batch(
 
 
 def _decode_all(
-    fetched: list[bytes | Failure], decode: DecodeConfig, fit: tuple[int, int] | None
+    fetched: list[bytes | Failure],
+    decode: DecodeConfig,
+    fit: tuple[int, int] | None,
+    tiling: TileConfig | None = None,
 ) -> Batch:
     """The columns ``load_batch`` adds, from each row's bytes or failure: ``width``,
     ``height`` (-1 where unknown), ``status``, ``error_code``, ``error`` and ``pixels``
@@ -161,7 +172,7 @@ def _decode_all(
         if isinstance(got, Failure):
             result: DecodedImage | Failure = got
         else:
-            result = decode_image(got, max_pixels=decode.max_pixels, fit=fit)
+            result = decode_image(got, max_pixels=decode.max_pixels, fit=fit, tiling=tiling)
         if isinstance(result, DecodedImage):
             status[i] = STATUS_OK
             width[i], height[i] = result.width, result.height
@@ -185,11 +196,31 @@ def _decode_all(
 ENCODED_BYTES_PER_IMAGE = 4 * 1024**2
 
 
-def load_batch_memory(images: int, decode: DecodeConfig, fit: tuple[int, int] | None) -> int:
+# Images a read+decode task holds in a tiled run (at most; --load-batch-size if smaller):
+# each may be a scene decoded in full at up to tile_max_pixels.
+TILED_LOAD_BATCH = 2
+
+
+def load_rows(load_batch_size: int, tiling: TileConfig) -> int:
+    """Images per :func:`load_batch` task: ``--load-batch-size``, at most
+    :data:`TILED_LOAD_BATCH` in a tiled run."""
+    return min(load_batch_size, TILED_LOAD_BATCH) if tiling.enabled else load_batch_size
+
+
+def load_batch_memory(
+    images: int,
+    decode: DecodeConfig,
+    fit: tuple[int, int] | None,
+    tiling: TileConfig | None = None,
+) -> int:
     """Bytes a :func:`load_batch` task of ``images`` images holds at most: their pixels at
     the model's largest input (``3 x min_size x max_size``) plus one full-resolution decode
     in progress (``max_pixels`` RGB, and Pillow's copy), or, decoding at full resolution,
-    every image at ``max_pixels``; and the fetched files."""
+    every image at ``max_pixels``; and the fetched files. In a tiled run every image may
+    be a scene decoded in full: ``tile_max_pixels`` RGB each, and Pillow's copy of one."""
+    if tiling is not None and tiling.enabled:
+        full = 3 * max(tiling.tile_max_pixels, decode.max_pixels)
+        return (images + 1) * full + images * ENCODED_BYTES_PER_IMAGE
     full = 3 * decode.max_pixels
     if fit is None or decode.full_resolution:
         pixels = images * full
@@ -266,8 +297,12 @@ class Segment:
         torch_threads: int | None = None,
         extras: pa.Schema | None = None,
         timeline_to: tuple[str, str] | None = None,
+        tiling: TileConfig | None = None,
+        batch_size: int = 1,
     ) -> None:
         # ``timeline_to``: (output, run id) to write this actor's start-up marks under.
+        # ``tiling``: cut the images it tiles into tiles, run in batches of ``batch_size``
+        # model inputs with the batch's other images (core/tiles.py).
         self.marks = ActorMarks(*timeline_to) if timeline_to is not None else None
         # Imported here so that the CPU steps never pay for importing torch.
         import torch
@@ -280,6 +315,8 @@ class Segment:
             torch.set_num_threads(torch_threads)
         self.run_id = run_id
         self.extras = extras
+        self.tiling = tiling if tiling is not None and tiling.enabled else None
+        self.batch_size = batch_size
         self.segmenter = Segmenter(model)
         if self.marks is not None:
             self.marks.mark("model_loaded")
@@ -293,10 +330,24 @@ class Segment:
             self.marks.write()
         return rows
 
+    def _model(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[Detections]:
+        if self.tiling is None:
+            return self.segmenter(images, sizes)
+        return segment_tiled(self.segmenter, images, sizes, self.tiling, self.batch_size)
+
+    def _tiles(self, batch: Batch) -> np.ndarray:
+        """How many tiles each row's image is cut into (0: whole, or not decoded)."""
+        counts = np.zeros(len(batch["uri"]), dtype=np.int32)
+        if self.tiling is not None:
+            for i, pixels in enumerate(batch["pixels"]):
+                counts[i] = len(tiles_of(_size(batch, i), pixels.shape, self.tiling))
+        return counts
+
     def _segment(self, batch: Batch) -> pa.Table:
         ok = [i for i, s in enumerate(batch["status"]) if s == STATUS_OK]
+        tiles = self._tiles(batch)
         try:
-            detections = self.segmenter(
+            detections = self._model(
                 [batch["pixels"][i] for i in ok], [_size(batch, i) for i in ok]
             )
             by_row: dict[int, Detections] = dict(zip(ok, detections, strict=True))
@@ -309,7 +360,7 @@ class Segment:
                 str(exc)[:200],
             )
             by_row, batch = self._one_by_one(batch, ok)
-        return image_rows(batch, self.run_id, by_row, self.segmenter.categories, self.extras)
+        return image_rows(batch, self.run_id, by_row, self.segmenter.categories, self.extras, tiles)
 
     def _one_by_one(self, batch: Batch, ok: list[int]) -> tuple[dict[int, Detections], Batch]:
         """Each image alone; one the model still fails on becomes an error row."""
@@ -317,11 +368,12 @@ class Segment:
         status, code, error = (batch[k].copy() for k in ("status", "error_code", "error"))
         for i in ok:
             try:
-                by_row[i] = self.segmenter([batch["pixels"][i]], [_size(batch, i)])[0]
+                by_row[i] = self._model([batch["pixels"][i]], [_size(batch, i)])[0]
             except Exception as exc:
                 _exit_if_device_broken(exc)
                 status[i], code[i] = STATUS_ERROR, MODEL_ERROR
-                error[i] = f"the model failed on this image: {type(exc).__name__}: {exc}"[:1000]
+                what = "one of this image's tiles" if self._tiles(batch)[i] else "this image"
+                error[i] = f"the model failed on {what}: {type(exc).__name__}: {exc}"[:1000]
         return by_row, {**batch, "status": status, "error_code": code, "error": error}
 
 
@@ -360,9 +412,11 @@ def image_rows(
     detections: dict[int, Detections],
     categories: Sequence[str],
     extras: pa.Schema | None = None,
+    tiles: np.ndarray | None = None,
 ) -> pa.Table:
     """The per-image table for a loaded batch, given detections for its decoded rows; the
     nested instances hold mask windows (:data:`WINDOWED_STRUCT`), for :func:`encode_rows`.
+    ``tiles``: how many tiles each row's image was cut into (default: none, all whole).
 
     Packed manifest columns (:data:`EXTRAS_COLUMN`) are unpacked with the types ``extras``
     declares, so every batch gives them the manifest's types, nulls as nulls. Any other
@@ -370,16 +424,17 @@ def image_rows(
     records: list[ImageRecord] = []
     refs: list[ImageRef] = []
     counts = np.zeros(len(batch["uri"]), dtype=np.int32)
+    cut = tiles if tiles is not None else np.zeros(len(counts), dtype=np.int32)
     for i, (uri, iid) in enumerate(zip(batch["uri"], batch["image_id"], strict=True)):
         width, height = int(batch["width"][i]), int(batch["height"][i])
         if i in detections:
             refs.append(ImageRef(run_id, str(iid), str(uri), width, height))
             counts[i] = len(detections[i])
-            records.append(ImageRecord.ok(refs[-1], int(counts[i])))
+            records.append(ImageRecord.ok(refs[-1], int(counts[i]), int(cut[i])))
         else:
             size = (width, height) if width >= 0 else (None, None)
             err = Failure(str(batch["error_code"][i]), str(batch["error"][i]), *size)
-            records.append(ImageRecord.failed(run_id, str(iid), str(uri), err))
+            records.append(ImageRecord.failed(run_id, str(iid), str(uri), err, int(cut[i])))
     flat = windowed_instances_table(refs, [detections[i] for i in sorted(detections)], categories)
     struct = pa.StructArray.from_arrays(
         [flat.column(name).combine_chunks() for name in WINDOWED_STRUCT.names],

@@ -151,6 +151,8 @@ def write_rows(
         instances=instances.num_rows,
         files=sum(len(f) for f in unit.files.values()),
         duplicates=duplicates,
+        tiled_images=int(pc.sum(pc.greater(images.column("tiles"), 0)).as_py() or 0),
+        tiles=int(pc.sum(images.column("tiles")).as_py() or 0),
         errors=errors,
         error_examples=examples,
     )
