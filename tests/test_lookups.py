@@ -75,6 +75,7 @@ def unit_rows(
         "error_code": pa.nulls(images, pa.string()),
         "error": pa.nulls(images, pa.string()),
         "num_instances": counts,
+        "tiles": np.zeros(images, np.int32),
     }
     table = pa.table(columns, schema=IMAGES_SCHEMA)
     return table.append_column("instances", pa.ListArray.from_arrays(starts, struct))
