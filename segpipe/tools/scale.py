@@ -58,7 +58,7 @@ import fsspec
 import psutil
 
 from segpipe import layout
-from segpipe.config import DecodeConfig, ModelConfig, RunConfig
+from segpipe.config import DecodeConfig, ModelConfig, RunConfig, TileConfig
 from segpipe.io import fs_root
 
 log = logging.getLogger(__name__)
@@ -599,9 +599,13 @@ def child_spec(cfg: RunConfig) -> str:
 
 def run_from_spec(text: str) -> RunConfig:
     data = json.loads(text)
-    model, decode = ModelConfig(**data.pop("model")), DecodeConfig(**data.pop("decode"))
+    nested: dict[str, Any] = {
+        "model": ModelConfig(**data.pop("model")),
+        "decode": DecodeConfig(**data.pop("decode")),
+        "tiles": TileConfig(**data.pop("tiles")),
+    }
     tuples = {k: tuple(v) for k, v in data.items() if isinstance(v, list)}
-    return RunConfig(**{**data, **tuples}, model=model, decode=decode)
+    return RunConfig(**{**data, **tuples}, **nested)
 
 
 def child_main(argv: Sequence[str]) -> int:
