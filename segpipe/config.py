@@ -303,7 +303,7 @@ class TileConfig:
         ),
     )
     tile_max_detections: int = field(
-        default=1000,
+        default=10_000,
         metadata=flag("keep at most this many instances per tiled image", group=TILE_GROUP),
     )
 

@@ -221,13 +221,19 @@ def test_load_batch_decodes_large_images_at_the_model_scale(tmp_path: Path) -> N
 
 
 def test_decode_task_memory_follows_the_model_input() -> None:
-    from segpipe.job.stages import ENCODED_BYTES_PER_IMAGE, load_batch_memory
+    from segpipe.config import TileConfig
+    from segpipe.job.stages import ENCODED_BYTES_PER_IMAGE, load_batch_memory, load_rows
 
     decode = DecodeConfig(max_pixels=24_000_000)
     fast = load_batch_memory(16, decode, (800, 1333))
     assert fast == 16 * (3 * 800 * 1333 + ENCODED_BYTES_PER_IMAGE) + 2 * 3 * 24_000_000
     full = load_batch_memory(16, DecodeConfig(max_pixels=24_000_000, full_resolution=True), None)
     assert full == 16 * (3 * 24_000_000 + ENCODED_BYTES_PER_IMAGE) > 4 * fast
+    # A tiled run: one image a task (and a model call), held three times, Pillow's copy.
+    tiling = TileConfig(tile=512, tile_max_pixels=400_000_000)
+    assert load_rows(16, tiling) == 1 and load_rows(16, TileConfig()) == 16
+    tiled = load_batch_memory(1, decode, (800, 1333), tiling)
+    assert tiled == 4 * 3 * 400_000_000 + ENCODED_BYTES_PER_IMAGE
 
 
 def manifest_rows(extras: pa.Table, uris: list[str]) -> pa.Table:

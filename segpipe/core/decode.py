@@ -125,7 +125,9 @@ def decode_image(
         if target is not None and image.format == "JPEG":
             image.draft(image.mode, _stored_order(image, target))
         image.load()
-        upright = ImageOps.exif_transpose(image)
+        # exif_transpose copies an image it leaves as it is: a second full-size copy of a
+        # scene decoded in full, for nothing.
+        upright = ImageOps.exif_transpose(image) if _orientation(image) != 1 else image
         if target is not None and upright.mode in _RESIZED_AS_DECODED:
             upright = _shrunk(upright, target)  # no copy of the full-size pixels
         pixels = _to_rgb(upright)

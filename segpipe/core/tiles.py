@@ -21,10 +21,11 @@ Contract:
   object across four tiles is one), but never so that an object holds two uncut
   detections of one tile: a tile that saw an object whole saw it once, and two such
   detections (the model's own per-class NMS kept both) stay two objects; cut views join
-  freely (a tile often gives one part two classes). A group becomes one instance: the union of the
-  masks (a window around them all), the union of the boxes, and the class and score of its
-  best-scoring member that is not cut (of its best member when all are). The instances are
-  ordered by descending score and at most ``max_detections`` kept.
+  freely (a tile often gives one part two classes). A group becomes one instance: its
+  best-scoring member that is not cut, as it is, when a tile saw the object whole (the cut
+  views are parts of it, with sloppier edges); else the union of the members' masks (a
+  window around them all) and of their boxes, with the best member's class and score.
+  The instances are ordered by descending score and at most ``max_detections`` kept.
 - No full-image canvas is made: masks stay windows around their boxes (see
   :mod:`segpipe.core.detections`), also when merged.
 """
@@ -309,10 +310,14 @@ def _merged(
     origins: np.ndarray,
 ) -> tuple[np.ndarray, float, np.ndarray, tuple[int, int], int]:
     """(box, score, window, origin, the member whose class and score it takes) of a group of
-    detections of one object: the best-scoring member not cut by its tile, else the best."""
-    whole = [k for k in members if not cut[k]] or members
-    best = max(whole, key=lambda k: (scores[k], -k))
-    if len(members) == 1:
+    detections of one object: its best-scoring member not cut by its tile, whole; else (no
+    tile saw it whole) the union of the members' masks and boxes, with the best member's
+    class and score."""
+    whole = [k for k in members if not cut[k]]
+    best = max(whole or members, key=lambda k: (scores[k], -k))
+    if whole or len(members) == 1:
+        # A tile saw the object whole: that view is the object; its cut views add nothing
+        # but their sloppier edges (a part's box and mask are judged from the part).
         return boxes[best], float(scores[best]), masks[best], tuple(origins[best]), best
     box = np.concatenate([boxes[members, :2].min(axis=0), boxes[members, 2:].max(axis=0)])
     x0 = min(int(origins[k][0]) for k in members)

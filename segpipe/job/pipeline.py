@@ -348,7 +348,9 @@ def _segment_steps(
             "tiling": cfg.tiles,
             "batch_size": cfg.batch_size,
         },
-        batch_size=cfg.batch_size,
+        # A tiled run gives an actor one decode block (at most two images) a call, so that
+        # huge images spread over the actors instead of queuing behind one.
+        batch_size=load_rows(cfg.batch_size, cfg.tiles),
         batch_format="numpy",
         compute=ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
         num_gpus=plan.gpus_per_actor,

@@ -196,15 +196,22 @@ def _decode_all(
 ENCODED_BYTES_PER_IMAGE = 4 * 1024**2
 
 
-# Images a read+decode task holds in a tiled run (at most; --load-batch-size if smaller):
-# each may be a scene decoded in full at up to tile_max_pixels.
-TILED_LOAD_BATCH = 2
+# Images a read+decode task, or a model actor's call, takes in a tiled run (at most; the
+# setting if smaller): any of them may be a scene decoded in full at up to tile_max_pixels.
+TILED_LOAD_BATCH = 1
+# Copies a decode task holds of an image it decoded in full, beside Pillow's while decoding:
+# the array, Ray's copy of it into the output block, and that block's write to the object
+# store (a 400-megapixel scene, 1.2 GB decoded, took its task to 5.8 GiB while Pillow's
+# exif_transpose still added a copy).
+_HELD_COPIES = 3
 
 
-def load_rows(load_batch_size: int, tiling: TileConfig) -> int:
-    """Images per :func:`load_batch` task: ``--load-batch-size``, at most
-    :data:`TILED_LOAD_BATCH` in a tiled run."""
-    return min(load_batch_size, TILED_LOAD_BATCH) if tiling.enabled else load_batch_size
+def load_rows(rows: int, tiling: TileConfig) -> int:
+    """Images a step takes at once, given its setting ``rows`` (``--load-batch-size`` for a
+    :func:`load_batch` task, ``--batch-size`` for a model actor's call): at most
+    :data:`TILED_LOAD_BATCH` in a tiled run, where any of them may be a huge scene (so
+    that scenes spread over the actors, and a task's memory stays that of one)."""
+    return min(rows, TILED_LOAD_BATCH) if tiling.enabled else rows
 
 
 def load_batch_memory(
@@ -217,10 +224,11 @@ def load_batch_memory(
     the model's largest input (``3 x min_size x max_size``) plus one full-resolution decode
     in progress (``max_pixels`` RGB, and Pillow's copy), or, decoding at full resolution,
     every image at ``max_pixels``; and the fetched files. In a tiled run every image may
-    be a scene decoded in full: ``tile_max_pixels`` RGB each, and Pillow's copy of one."""
+    be a scene decoded in full, held :data:`_HELD_COPIES` times at up to
+    ``tile_max_pixels`` RGB, and Pillow's copy of the one being decoded."""
     if tiling is not None and tiling.enabled:
         full = 3 * max(tiling.tile_max_pixels, decode.max_pixels)
-        return (images + 1) * full + images * ENCODED_BYTES_PER_IMAGE
+        return (_HELD_COPIES * images + 1) * full + images * ENCODED_BYTES_PER_IMAGE
     full = 3 * decode.max_pixels
     if fit is None or decode.full_resolution:
         pixels = images * full
