@@ -106,19 +106,11 @@ def decode_image(
         return Failure(CORRUPT, f"unreadable image header: {_exc_text(exc)}")
 
     width, height = image.size
-    limit, setting = max_pixels, "max_pixels"
+    refused = _refused_size(width, height, max_pixels, tiling)
+    if refused is not None:
+        return refused
     if tiling is not None and tiling.tiled(height, width):
-        limit, setting, fit = tiling.tile_max_pixels, "tile_max_pixels", None
-    if width * height > limit:
-        return Failure(
-            TOO_LARGE,
-            f"image of {width}x{height} = {width * height} pixels exceeds the limit of "
-            f"{limit} pixels ({setting}); refused before decoding",
-            width=width,
-            height=height,
-        )
-    if width <= 0 or height <= 0:
-        return Failure(CORRUPT, f"image header declares an empty size {width}x{height}")
+        fit = None  # its tiles are cut at native resolution
 
     try:
         target = _fit_target(image, fit)
@@ -142,6 +134,28 @@ def decode_image(
         pixels = np.asarray(_shrunk(Image.fromarray(pixels), target))
     size = (width, height) if _orientation(image) in _SWAPPING_ORIENTATIONS else (height, width)
     return DecodedImage(np.ascontiguousarray(pixels), size=size)
+
+
+def _refused_size(
+    width: int, height: int, max_pixels: int, tiling: TileConfig | None
+) -> Failure | None:
+    """Why an image whose header declares ``width`` x ``height`` is refused before
+    decoding: over its limit (``tile_max_pixels`` for an image ``tiling`` tiles, else
+    ``max_pixels``), or empty; None if it is not."""
+    limit, setting = max_pixels, "max_pixels"
+    if tiling is not None and tiling.tiled(height, width):
+        limit, setting = tiling.tile_max_pixels, "tile_max_pixels"
+    if width * height > limit:
+        return Failure(
+            TOO_LARGE,
+            f"image of {width}x{height} = {width * height} pixels exceeds the limit of "
+            f"{limit} pixels ({setting}); refused before decoding",
+            width=width,
+            height=height,
+        )
+    if width <= 0 or height <= 0:
+        return Failure(CORRUPT, f"image header declares an empty size {width}x{height}")
+    return None
 
 
 def _open(data: bytes, tiling: TileConfig | None) -> Image.Image:

@@ -142,21 +142,28 @@ def write_rows(
                 write_table, piece, staged, name, partition_by=partition_by, file_stem=f"{stem}-{k}"
             )
         unit.files[name] = sorted(p[len(staged_root) + 1 :] for p in paths)
+    unit.counts = unit_counts(images, instances, unit.files, duplicates)
+    return commit_unit(output, unit, attempt).counts
+
+
+def unit_counts(
+    images: pa.Table, instances: pa.Table, files: dict[str, list[str]], duplicates: int
+) -> WriteCounts:
+    """What a unit of ``images`` and ``instances`` rows, written as ``files``, counts."""
     ok = int(pc.sum(pc.equal(images.column("status"), STATUS_OK)).as_py() or 0)
     errors, examples = error_counts(images)
-    unit.counts = WriteCounts(
+    return WriteCounts(
         images=images.num_rows,
         images_ok=ok,
         images_error=images.num_rows - ok,
         instances=instances.num_rows,
-        files=sum(len(f) for f in unit.files.values()),
+        files=sum(len(f) for f in files.values()),
         duplicates=duplicates,
         tiled_images=int(pc.sum(pc.greater(images.column("tiles"), 0)).as_py() or 0),
         tiles=int(pc.sum(images.column("tiles")).as_py() or 0),
         errors=errors,
         error_examples=examples,
     )
-    return commit_unit(output, unit, attempt).counts
 
 
 def error_counts(images: pa.Table) -> tuple[dict[str, int], dict[str, str]]:
